@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv, install the
+# project with its compiled kernels, then run. Reinstalls only when pyproject or kernel sources change.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+KERNELS := submodules/ngp-kernels
+KERNEL_SOURCES := $(shell find $(KERNELS) -type f \( -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name '*.py' \
+	-o -name 'CMakeLists.txt' -o -name 'pyproject.toml' \) -not -path '*/build/*' 2>/dev/null)
+PIP := $(PY) -m pip --disable-pip-version-check --quiet
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(KERNEL_SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e ".[dev]" "pybind11>=2.12" "scikit-build-core>=0.10" "cmake>=3.24" ninja
+	@if [ -f $(KERNELS)/pyproject.toml ]; then \
+		echo "building $(KERNELS)"; $(PIP) install --no-build-isolation ./$(KERNELS); fi
+	@touch $@
+
+# The main job on built-in data: fit an image field to scikit-image's astronaut.
+demo: install
+	$(PY) -m fields.ngp_image --image skimage:astronaut --preset default --workdir runs/demo --overwrite
+	@echo "demo outputs: runs/demo/render.png runs/demo/metrics.json runs/demo/field.safetensors"
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m scripts.bench_ngp_image
+
+clean:
+	rm -rf $(VENV) build runs .pytest_cache .ruff_cache

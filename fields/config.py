@@ -1,0 +1,69 @@
+"""Typed, frozen dataclass configs: conversion to and from JSON-able dicts, with clear errors.
+
+Configs are nested frozen dataclasses. ``config_to_dict`` / ``config_from_dict`` round-trip them
+through plain dicts (the form saved in work directories and in safetensors metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+
+class ConfigError(ValueError):
+    """A config that does not parse or does not fit; the message names the field."""
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Nested dataclass -> plain dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_to_json(config: Any) -> str:
+    return json.dumps(config_to_dict(config), indent=2, sort_keys=True)
+
+
+def config_from_dict(cls: type[ConfigT], values: dict[str, Any], where: str = "config") -> ConfigT:
+    """Builds ``cls`` from a dict, recursing into nested dataclass fields.
+
+    Raises:
+        ConfigError: naming the unknown, missing or invalid field.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            continue
+        kwargs[field.name] = _convert(hints[field.name], values[field.name], f"{where}.{field.name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
