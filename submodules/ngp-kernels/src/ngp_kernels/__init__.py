@@ -1,0 +1,41 @@
+"""Instant-NGP multiresolution hash-grid encoding as XLA FFI custom calls.
+
+C++ kernels on CPU (multithreaded, deterministic backward), CUDA kernels on GPU when the package
+was built with nvcc. The function computed is exactly ``fields.models.hash_grid.encode_reference``.
+
+Public API:
+    hash_grid_encode(table, positions, config) -> features
+    GridSpec: the static per-level layout the kernels need (built from any config-like object)
+    built_with_cuda(): True when the CUDA targets were compiled in (and registered)
+    cpu_num_threads(): threads the CPU kernels use
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ngp_kernels import _ngp_kernels
+from ngp_kernels.hash_grid import GridSpec, hash_grid_encode
+
+__all__ = ["GridSpec", "hash_grid_encode", "built_with_cuda", "cpu_num_threads"]
+__version__ = "0.1.0"
+
+
+def built_with_cuda() -> bool:
+    """True when the extension was compiled with the CUDA kernels."""
+    return bool(_ngp_kernels.built_with_cuda())
+
+
+def cpu_num_threads() -> int:
+    """Number of threads the CPU kernels split work over (env ``NGP_KERNELS_NUM_THREADS``)."""
+    return int(_ngp_kernels.cpu_num_threads())
+
+
+def _register() -> None:
+    # Only the platforms compiled in are present: "cpu" always, "CUDA" when built with nvcc.
+    for platform, targets in _ngp_kernels.registrations().items():
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(name, capsule, platform=platform)
+
+
+_register()
