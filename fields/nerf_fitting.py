@@ -1,0 +1,257 @@
+"""Fit an Instant-NGP NeRF to a multi-view scene; render views; the presets.
+
+One training step (all on device, ``fori_loop`` over a chunk of steps):
+  1. draw ``num_rays`` pixels uniformly (with replacement) over all training images;
+  2. march the rays through the occupancy grid and pack the occupied samples into the fixed sample
+     budget (rays that do not fit completely are left out of the loss);
+  3. evaluate the field on the packed samples, composite front to back over a random background
+     colour per ray (RGBA data), mean squared error against the target composited on the same
+     colour; Adam;
+  4. every ``occupancy.update_every`` steps, update the occupancy grid's EMA and bitfield.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fields.image_fitting import optimizer_step
+from fields.models.hash_grid import BACKENDS, HashGridConfig
+from fields.models.nerf import NeRFField, NeRFFieldConfig
+from fields.rendering import occupancy_grid, volume
+from fields.rendering.occupancy_grid import OccupancyGridConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class NeRFFitConfig:
+    """How to fit a NeRF.
+
+    Attributes:
+        field: the field architecture.
+        occupancy: the occupancy grid.
+        scene_bound: half-size of the scene box ``[-b, b]^3`` (Blender scenes fit in 1.5).
+        steps_per_diagonal: marching step = box diagonal / this (Instant-NGP: 1024).
+        steps: optimisation steps.
+        num_rays: rays per step.
+        max_samples: sample budget per step.
+        learning_rate, adam_beta1, adam_beta2, adam_eps: Adam (Instant-NGP: 1e-2, 0.9, 0.99, 1e-15).
+        final_learning_rate_fraction: the cosine schedule ends at this fraction of the peak.
+        random_background: composite RGBA targets over random colours while training.
+        seed, backend, log_every: as for image fields.
+    """
+
+    field: NeRFFieldConfig = dataclasses.field(default_factory=NeRFFieldConfig)
+    occupancy: OccupancyGridConfig = dataclasses.field(default_factory=OccupancyGridConfig)
+    scene_bound: float = 1.5
+    steps_per_diagonal: int = 1024
+    steps: int = 2000
+    num_rays: int = 4096
+    max_samples: int = 1 << 18
+    learning_rate: float = 1e-2
+    final_learning_rate_fraction: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_eps: float = 1e-15
+    random_background: bool = True
+    seed: int = 0
+    backend: str = "auto"
+    log_every: int = 16
+
+    def __post_init__(self):
+        for name in ("steps", "num_rays", "max_samples", "steps_per_diagonal", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.scene_bound > 0:
+            raise ValueError(f"scene_bound must be > 0, got {self.scene_bound}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def aabb(self) -> np.ndarray:
+        return np.asarray([[-self.scene_bound] * 3, [self.scene_bound] * 3], np.float32)
+
+    @property
+    def step_size(self) -> float:
+        return 2.0 * self.scene_bound * math.sqrt(3.0) / self.steps_per_diagonal
+
+
+def _nerf_preset(levels, log2_table, max_res, width, grid_res, steps_per_diag, steps, rays, samples_log2):
+    grid = HashGridConfig(num_dims=3, num_levels=levels, features_per_level=2, log2_table_size=log2_table,
+                          min_resolution=16, max_resolution=max_res)
+    field = NeRFFieldConfig(grid=grid, density_hidden_width=width, color_hidden_width=width)
+    return NeRFFitConfig(field=field, occupancy=OccupancyGridConfig(resolution=grid_res),
+                         steps_per_diagonal=steps_per_diag, steps=steps, num_rays=rays,
+                         max_samples=1 << samples_log2)
+
+
+PRESETS: dict[str, NeRFFitConfig] = {
+    # Test-sized: 16^3 occupancy grid, a few hundred rays.
+    "tiny": _nerf_preset(levels=4, log2_table=12, max_res=64, width=16, grid_res=16, steps_per_diag=128,
+                         steps=50, rays=256, samples_log2=13),
+    # CPU-sized Instant-NGP for 128^2 procedural scenes.
+    "default": _nerf_preset(levels=16, log2_table=17, max_res=1024, width=32, grid_res=64, steps_per_diag=512,
+                            steps=3000, rays=2048, samples_log2=16),
+    # Instant-NGP's published configuration (GPU-sized).
+    "large": _nerf_preset(levels=16, log2_table=19, max_res=2048, width=64, grid_res=128, steps_per_diag=1024,
+                          steps=30000, rays=4096, samples_log2=18),
+}
+
+
+def pixel_rays(camera_to_world: jax.Array, intrinsics: jax.Array, image_index: jax.Array, cols: jax.Array,
+               rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rays through pixel centres (OpenGL cameras: look down -z, +y up).
+
+    Args:
+        camera_to_world: ``[num_images, 4, 4]``; intrinsics: ``[num_images, 4]`` (fx, fy, cx, cy).
+        image_index, cols, rows: ``[R]`` int32.
+
+    Returns:
+        origins ``[R, 3]`` and unit directions ``[R, 3]``.
+    """
+    pose = camera_to_world[image_index]  # [R, 4, 4]
+    fx, fy, cx, cy = (intrinsics[image_index, k] for k in range(4))
+    camera_dirs = jnp.stack(
+        [(cols.astype(jnp.float32) + 0.5 - cx) / fx, -(rows.astype(jnp.float32) + 0.5 - cy) / fy,
+         -jnp.ones_like(fx)], axis=-1)
+    directions = jnp.einsum("rij,rj->ri", pose[:, :3, :3], camera_dirs)
+    directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+    return pose[:, :3, 3], directions
+
+
+def make_optimizer(config: NeRFFitConfig) -> optax.GradientTransformation:
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps,
+                                           alpha=config.final_learning_rate_fraction)
+    return optax.adam(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_eps)
+
+
+def march(origins, directions, bitfield, config: NeRFFitConfig, max_samples: int) -> volume.PackedSamples:
+    """Packs the occupied samples of rays ``[R, 3]`` into a budget of ``max_samples``."""
+    return volume.march_rays(origins, directions, bitfield, jnp.asarray(config.aabb), config.occupancy.resolution,
+                             config.step_size, config.steps_per_diagonal, max_samples)
+
+
+def shade(model: NeRFField, params, samples: volume.PackedSamples, num_rays: int, config: NeRFFitConfig,
+          background: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Evaluates the field on packed samples and composites over ``background [R, 3]``.
+
+    Returns ``colour [R, 3]``, ``opacity [R]``, ``depth [R]``.
+    """
+    unit = jnp.clip(volume.to_unit_cube(samples.positions, jnp.asarray(config.aabb)), 0.0, 1.0)
+    sigmas, rgbs = model.apply({"params": params}, unit, samples.directions)
+    colour, opacity, depth = volume.composite_reference(sigmas, rgbs, samples, num_rays)
+    return colour + (1.0 - opacity)[:, None] * background, opacity, depth
+
+
+def make_train_chunk(model: NeRFField, optimizer: optax.GradientTransformation, config: NeRFFitConfig):
+    """Returns a jitted ``train_chunk(state, data, key, first_step, num_steps) -> (state, stats)``.
+
+    ``state`` holds ``params``, ``opt_state`` and ``grid`` (the occupancy state); ``data`` holds
+    ``images [N, H, W, C]``, ``camera_to_world [N, 4, 4]`` and ``intrinsics [N, 4]``.
+    ``stats`` are the chunk means of the loss and of the fraction of complete rays, and the
+    mean number of occupied samples per step.
+    """
+    grid_config = config.occupancy
+
+    def density_fn(params, unit_positions):
+        return model.apply({"params": params}, unit_positions, method=NeRFField.density)
+
+    def loss_fn(params, grid, origins, directions, targets, background):
+        samples = march(origins, directions, grid["bitfield"], config, config.max_samples)
+        colour, _, _ = shade(model, params, samples, origins.shape[0], config, background)
+        complete = samples.complete_rays()
+        weights = complete.astype(jnp.float32)
+        errors = jnp.sum(jnp.square(colour - targets), axis=-1) / 3.0
+        loss = jnp.sum(errors * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return loss, jnp.mean(weights)
+
+    def train_chunk(state, data, key, first_step, num_steps):
+        images = data["images"]
+        num_images, height, width, channels = images.shape
+
+        def body(offset, carry):
+            state, loss_sum, complete_sum = carry
+            step = first_step + offset
+            step_key = jax.random.fold_in(key, step)
+            key_pixels, key_background, key_grid = jax.random.split(step_key, 3)
+            flat = jax.random.randint(key_pixels, (config.num_rays,), 0, num_images * height * width)
+            image_index = flat // (height * width)
+            pixel = flat - image_index * height * width
+            rows, cols = pixel // width, pixel % width
+            origins, directions = pixel_rays(data["camera_to_world"], data["intrinsics"], image_index, cols, rows)
+            target = images[image_index, rows, cols]
+            if config.random_background:
+                background = jax.random.uniform(key_background, (config.num_rays, 3))
+            else:
+                background = jnp.ones((config.num_rays, 3), jnp.float32)
+            if channels == 4:
+                alpha = target[:, 3:4]
+                target = target[:, :3] * alpha + background * (1.0 - alpha)
+            (loss, complete), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], state["grid"], origins, directions, target, background)
+            params, opt_state = optimizer_step(optimizer, grads, state["opt_state"], state["params"])
+            grid = jax.lax.cond(
+                step % grid_config.update_every == grid_config.update_every - 1,
+                lambda g: occupancy_grid.update(g, lambda p: density_fn(params, p), key_grid, step, grid_config,
+                                               config.step_size),
+                lambda g: g,
+                state["grid"],
+            )
+            return {"params": params, "opt_state": opt_state, "grid": grid}, loss_sum + loss, complete_sum + complete
+
+        zero = jnp.float32(0.0)
+        state, loss_sum, complete_sum = jax.lax.fori_loop(0, num_steps, body, (state, zero, zero))
+        count = num_steps.astype(jnp.float32)
+        return state, {"loss": loss_sum / count, "complete_fraction": complete_sum / count}
+
+    return jax.jit(train_chunk, donate_argnums=(0,))
+
+
+def make_view_renderer(model: NeRFField, config: NeRFFitConfig, chunk_rays: int = 2048):
+    """Returns ``render(params, bitfield, camera_to_world [4,4], intrinsics [4], height, width, background [3])``
+    -> ``(rgb [H, W, 3], depth [H, W], opacity [H, W])`` numpy arrays.
+
+    Each chunk of rays is marched with a budget no ray can overflow; the host reads the number of
+    occupied samples and shades only that prefix, rounded up to a power of two (few compiled shapes).
+    """
+    budget = chunk_rays * config.steps_per_diagonal
+
+    @jax.jit
+    def march_chunk(bitfield, camera_to_world, intrinsics, cols, rows):
+        zeros = jnp.zeros(cols.shape, jnp.int32)
+        origins, directions = pixel_rays(camera_to_world[None], intrinsics[None], zeros, cols, rows)
+        return march(origins, directions, bitfield, config, budget)
+
+    @functools.partial(jax.jit, static_argnames="size")
+    def shade_prefix(params, samples, background, size):
+        prefix = jax.tree_util.tree_map(lambda x: x[:size] if x.ndim and x.shape[0] == budget else x, samples)
+        return shade(model, params, prefix, chunk_rays, config, jnp.broadcast_to(background, (chunk_rays, 3)))
+
+    def render(params, bitfield, camera_to_world, intrinsics, height, width, background):
+        total = height * width
+        pixels = np.arange(total)
+        rows, cols = pixels // width, pixels % width
+        camera_to_world = jnp.asarray(camera_to_world, jnp.float32)
+        intrinsics = jnp.asarray(intrinsics, jnp.float32)
+        background = jnp.asarray(background, jnp.float32)
+        colours, depths, opacities = [], [], []
+        for start in range(0, total, chunk_rays):
+            index = np.minimum(np.arange(start, start + chunk_rays), total - 1)
+            samples = march_chunk(bitfield, camera_to_world, intrinsics, jnp.asarray(cols[index], jnp.int32),
+                                  jnp.asarray(rows[index], jnp.int32))
+            size = max(1024, 1 << int(np.ceil(np.log2(max(int(samples.num_samples), 1)))))
+            colour, opacity, depth = shade_prefix(params, samples, background, size=min(size, budget))
+            colours.append(np.asarray(colour))
+            opacities.append(np.asarray(opacity))
+            depths.append(np.asarray(depth))
+        colour = np.concatenate(colours)[:total].reshape(height, width, 3)
+        opacity = np.concatenate(opacities)[:total].reshape(height, width)
+        depth = np.concatenate(depths)[:total].reshape(height, width)
+        return np.clip(colour, 0.0, 1.0), depth, opacity
+
+    return render
