@@ -255,3 +255,214 @@ def make_view_renderer(model: NeRFField, config: NeRFFitConfig, chunk_rays: int 
         return np.clip(colour, 0.0, 1.0), depth, opacity
 
     return render
+
+
+FIELD_KIND = "ngp_nerf"
+
+
+def initial_state(config: NeRFFitConfig, model: NeRFField, optimizer: optax.GradientTransformation) -> dict:
+    """``{"params", "opt_state", "grid"}`` at step 0 (params from ``config.seed``)."""
+    key = jax.random.PRNGKey(config.seed)
+    params = model.init(key, jnp.zeros((1, 3), jnp.float32), jnp.ones((1, 3), jnp.float32) / math.sqrt(3.0))
+    params = params["params"]
+    return {"params": params, "opt_state": optimizer.init(params),
+            "grid": occupancy_grid.initial_state(config.occupancy)}
+
+
+def scene_arrays(scene) -> dict[str, jax.Array]:
+    """A loaded ``SceneData`` as the device arrays a training chunk reads."""
+    return {"images": jnp.asarray(scene.images), "camera_to_world": jnp.asarray(scene.camera_to_world),
+            "intrinsics": jnp.asarray(scene.intrinsics)}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Runs training chunks and keeps the step count (the state lives in ``self.state``)."""
+
+    config: NeRFFitConfig
+    model: NeRFField
+    data: dict
+    state: dict
+    step: int = 0
+    train_seconds: float = 0.0
+
+    @classmethod
+    def create(cls, config: NeRFFitConfig, scene) -> Trainer:
+        model = NeRFField(config.field, backend=config.backend)
+        optimizer = make_optimizer(config)
+        trainer = cls(config, model, scene_arrays(scene), initial_state(config, model, optimizer))
+        trainer._optimizer = optimizer
+        trainer._chunk = make_train_chunk(model, optimizer, config)
+        trainer._key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+        return trainer
+
+    def compile(self) -> float:
+        """Compiles the training chunk; returns seconds."""
+        import time
+
+        start = time.perf_counter()
+        self._chunk = self._chunk.lower(self.state, self.data, self._key, jnp.int32(0), jnp.int32(1)).compile()
+        return time.perf_counter() - start
+
+    def run(self, num_steps: int) -> dict[str, float]:
+        """Trains ``num_steps`` more steps; returns the chunk's mean loss and complete-ray fraction."""
+        import time
+
+        start = time.perf_counter()
+        self.state, stats = self._chunk(self.state, self.data, self._key, jnp.int32(self.step), jnp.int32(num_steps))
+        stats = {name: float(value) for name, value in stats.items()}  # one host read per chunk
+        self.train_seconds += time.perf_counter() - start
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"loss became {stats['loss']} in steps {self.step}..{self.step + num_steps}")
+        self.step += num_steps
+        return stats
+
+
+def white_composite(images: np.ndarray) -> np.ndarray:
+    """``[..., 4]`` straight-alpha RGBA -> ``[..., 3]`` over white; RGB passes through."""
+    if images.shape[-1] == 4:
+        return images[..., :3] * images[..., 3:] + (1.0 - images[..., 3:])
+    return images
+
+
+def evaluate_views(render, params, bitfield, scene, out_dir: str | None = None, max_views: int | None = None,
+                   save_depth: bool = True) -> dict:
+    """Renders the views of ``scene`` over white and compares them with the images.
+
+    Returns ``{"views": [{"index", "psnr", "ssim"}...], "psnr", "ssim", "rays_per_second",
+    "frames_per_second"}``; writes ``test_XXX.png`` (and ``depth_XXX.png``) to ``out_dir`` if given.
+    """
+    import os
+    import time
+
+    from fields import metrics
+    from fields.data.images import save_image
+
+    count = len(scene) if max_views is None else min(max_views, len(scene))
+    views, render_seconds = [], 0.0
+    for index in range(count):
+        start = time.perf_counter()
+        rgb, depth, _ = render(params, bitfield, scene.camera_to_world[index], scene.intrinsics[index], scene.height,
+                               scene.width, np.ones(3, np.float32))
+        render_seconds += time.perf_counter() - start
+        target = white_composite(scene.images[index])
+        views.append({"index": index, "psnr": metrics.psnr(rgb, target), "ssim": metrics.ssim(rgb, target)})
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            save_image(os.path.join(out_dir, f"test_{index:03d}.png"), rgb)
+            if save_depth:
+                save_image(os.path.join(out_dir, f"depth_{index:03d}.png"), depth_to_image(depth))
+    return {
+        "views": views,
+        "psnr": float(np.mean([v["psnr"] for v in views])),
+        "ssim": float(np.mean([v["ssim"] for v in views])),
+        "rays_per_second": count * scene.height * scene.width / max(render_seconds, 1e-9),
+        "frames_per_second": count / max(render_seconds, 1e-9),
+    }
+
+
+def depth_to_image(depth: np.ndarray) -> np.ndarray:
+    """Depth ``[H, W]`` -> grey ``[H, W, 1]`` in [0, 1], near = bright, no hit = black."""
+    hit = depth > 0
+    if not hit.any():
+        return np.zeros(depth.shape + (1,), np.float32)
+    near, far = float(depth[hit].min()), float(depth[hit].max())
+    scaled = np.where(hit, 1.0 - (depth - near) / max(far - near, 1e-6) * 0.8, 0.0)
+    return scaled[..., None].astype(np.float32)
+
+
+def density_grid(model: NeRFField, params, resolution: int, chunk: int = 1 << 16) -> np.ndarray:
+    """Density on a ``resolution^3`` lattice over the unit cube, ``[R, R, R]`` indexed (x, y, z)."""
+    axis = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    points = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=-1)
+    density_fn = jax.jit(lambda p, q: model.apply({"params": p}, q, method=NeRFField.density))
+    values = []
+    for start in range(0, len(points), chunk):
+        part = points[start : start + chunk]
+        padded = np.concatenate([part, np.zeros((chunk - len(part), 3), np.float32)])
+        values.append(np.asarray(density_fn(params, jnp.asarray(padded)))[: len(part)])
+    return np.concatenate(values).reshape(resolution, resolution, resolution)
+
+
+def export_mesh(path: str, model: NeRFField, params, config: NeRFFitConfig, resolution: int = 128,
+                threshold: float = 10.0) -> tuple[int, int]:
+    """Marching cubes of the density field at ``threshold``, vertex colours from the field; PLY.
+
+    Returns ``(num_vertices, num_faces)``.
+    """
+    from skimage.measure import marching_cubes
+
+    density = density_grid(model, params, resolution)
+    if not (density.min() < threshold < density.max()):
+        raise ValueError(f"density never crosses the mesh threshold {threshold} "
+                         f"(range {density.min():.3g}..{density.max():.3g})")
+    vertices, faces, normals, _ = marching_cubes(density, level=threshold, spacing=(1.0 / resolution,) * 3)
+    unit = (vertices + 0.5 / resolution).astype(np.float32)
+    directions = -normals.astype(np.float32)  # look at the surface from outside
+    directions /= np.maximum(np.linalg.norm(directions, axis=-1, keepdims=True), 1e-9)
+    colours = np.asarray(jax.jit(lambda p, q, d: model.apply({"params": p}, q, d)[1])(
+        params, jnp.asarray(unit), jnp.asarray(directions)))
+    world = config.aabb[0] + unit * (config.aabb[1] - config.aabb[0])
+    write_ply(path, world, faces, colours)
+    return len(world), len(faces)
+
+
+def write_ply(path: str, vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray) -> None:
+    """Binary little-endian PLY with float xyz, uchar rgb per vertex and int triangles."""
+    vertex_dtype = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                             ("blue", "u1")])
+    vertex_data = np.empty(len(vertices), vertex_dtype)
+    for axis, name in enumerate("xyz"):
+        vertex_data[name] = vertices[:, axis]
+    rgb = np.round(np.clip(colours, 0.0, 1.0) * 255.0).astype(np.uint8)
+    for axis, name in enumerate(("red", "green", "blue")):
+        vertex_data[name] = rgb[:, axis]
+    face_dtype = np.dtype([("count", "u1"), ("indices", "<i4", (3,))])
+    face_data = np.empty(len(faces), face_dtype)
+    face_data["count"] = 3
+    face_data["indices"] = faces
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+              f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+    with open(path, "wb") as handle:
+        handle.write(header.encode("ascii"))
+        handle.write(vertex_data.tobytes())
+        handle.write(face_data.tobytes())
+
+
+def orbit_frames(render, params, bitfield, intrinsics: np.ndarray, width: int, height: int, num_frames: int,
+                 radius: float, camera_height: float, target=(0.0, 0.0, 0.0), closer_radius: float | None = None,
+                 background=(1.0, 1.0, 1.0)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Renders a circular camera path (and optionally a closer second circle after it).
+
+    Returns lists of RGB ``[H, W, 3]`` and depth-image ``[H, W, 1]`` frames.
+    """
+    from fields.rendering.cameras import orbit_poses
+
+    poses = list(orbit_poses(num_frames, radius, camera_height, target))
+    if closer_radius:
+        poses += list(orbit_poses(num_frames, closer_radius, camera_height * closer_radius / radius, target))
+    colours, depths = [], []
+    for pose in poses:
+        rgb, depth, _ = render(params, bitfield, np.asarray(pose, np.float32), intrinsics, height, width,
+                               np.asarray(background, np.float32))
+        colours.append(rgb)
+        depths.append(depth_to_image(depth))
+    return colours, depths
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int = 24) -> None:
+    """Writes RGB frames ``[H, W, 3]`` in [0, 1] to an MP4 (H.264 through imageio-ffmpeg)."""
+    import warnings
+
+    import imageio.v2 as imageio
+
+    # imageio-ffmpeg starts ffmpeg with subprocess (fork+exec); Python warns about forking a
+    # multithreaded process, which is harmless for an immediate exec.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(np.round(np.clip(frame, 0, 1) * 255).astype(np.uint8))
