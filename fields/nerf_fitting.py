@@ -133,7 +133,7 @@ def make_optimizer(config: NeRFFitConfig) -> optax.GradientTransformation:
 def march(origins, directions, bitfield, config: NeRFFitConfig, max_samples: int) -> volume.PackedSamples:
     """Packs the occupied samples of rays ``[R, 3]`` into a budget of ``max_samples``."""
     return volume.march_rays(origins, directions, bitfield, jnp.asarray(config.aabb), config.occupancy.resolution,
-                             config.step_size, config.steps_per_diagonal, max_samples)
+                             config.step_size, config.steps_per_diagonal, max_samples, backend=config.backend)
 
 
 def shade(model: NeRFField, params, samples: volume.PackedSamples, num_rays: int, config: NeRFFitConfig,
@@ -144,7 +144,7 @@ def shade(model: NeRFField, params, samples: volume.PackedSamples, num_rays: int
     """
     unit = jnp.clip(volume.to_unit_cube(samples.positions, jnp.asarray(config.aabb)), 0.0, 1.0)
     sigmas, rgbs = model.apply({"params": params}, unit, samples.directions)
-    colour, opacity, depth = volume.composite_reference(sigmas, rgbs, samples, num_rays)
+    colour, opacity, depth = volume.composite(sigmas, rgbs, samples, num_rays, backend=config.backend)
     return colour + (1.0 - opacity)[:, None] * background, opacity, depth
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fields.models.hash_grid import BACKENDS, kernels_available
 from fields.rendering import occupancy_grid
 
 TERMINATION_THRESHOLD = 1e-4
@@ -82,6 +83,12 @@ def to_unit_cube(positions: jax.Array, aabb: jax.Array) -> jax.Array:
     return (positions - aabb[0]) / (aabb[1] - aabb[0])
 
 
+def _use_kernels(backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return backend == "kernel" or (backend == "auto" and kernels_available())
+
+
 def march_rays(
     origins: jax.Array,
     directions: jax.Array,
@@ -91,6 +98,7 @@ def march_rays(
     step_size: float,
     max_steps: int,
     max_samples: int,
+    backend: str = "jax",
 ) -> PackedSamples:
     """Marches ``R`` rays through the occupancy grid and packs the occupied samples.
 
@@ -101,7 +109,15 @@ def march_rays(
         step_size: distance between samples.
         max_steps: candidates per ray (``ceil(box diagonal / step_size)`` covers any ray).
         max_samples: the sample budget ``S``.
+        backend: ``"jax"`` (this function's pure-JAX body), ``"kernel"`` or ``"auto"``
+            (``ngp_kernels.march_rays`` when installed).
     """
+    if _use_kernels(backend):
+        import ngp_kernels
+
+        marched = ngp_kernels.march_rays(origins, directions, bitfield, aabb, grid_resolution=grid_resolution,
+                                         step_size=step_size, max_steps=max_steps, max_samples=max_samples)
+        return PackedSamples(*marched)
     num_rays = origins.shape[0]
     t_near, t_far = intersect_aabb(origins, directions, aabb)
     steps = (jnp.arange(max_steps, dtype=jnp.float32) + 0.5) * jnp.float32(step_size)
@@ -144,6 +160,24 @@ def _segmented_exclusive_cumsum(values: jax.Array, ray_indices: jax.Array) -> ja
 
     inclusive, _ = jax.lax.associative_scan(combine, (values, starts))
     return inclusive - values
+
+
+def composite(
+    sigmas: jax.Array,
+    rgbs: jax.Array,
+    samples: PackedSamples,
+    num_rays: int,
+    termination_threshold: float = TERMINATION_THRESHOLD,
+    backend: str = "jax",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``composite_reference`` or, with ``backend`` kernel/auto, the compiled ``ngp_kernels.composite``
+    (same values; gradients w.r.t. ``sigmas`` and ``rgbs``)."""
+    if _use_kernels(backend):
+        import ngp_kernels
+
+        return ngp_kernels.composite(sigmas, rgbs, samples.ts, samples.dts, samples.ray_indices, samples.valid,
+                                     num_rays=num_rays, termination_threshold=termination_threshold)
+    return composite_reference(sigmas, rgbs, samples, num_rays, termination_threshold)
 
 
 def composite_reference(

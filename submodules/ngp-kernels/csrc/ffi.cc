@@ -9,12 +9,27 @@
 //   ngp_hash_grid_bwd_positions  (table, positions, d_out) -> d_positions[..., B, D]
 //   ngp_hash_grid_bwd_both       (table, positions, d_out) -> (d_table, d_positions)
 // Leading ("field") dims of each input are equal to those of the results or 1 (broadcast).
+//
+// Volume rendering targets (same names on "cpu" and "CUDA"; R rays, S sample slots):
+//   ngp_march_rays      (origins f32[R, 3], directions f32[R, 3], bitfield u8[G^3 / 8], aabb f32[2, 3])
+//                       -> (positions f32[S, 3], directions f32[S, 3], ts f32[S], dts f32[S],
+//                           ray_indices s32[S], valid pred[S], num_samples s32[], ray_counts s32[R])
+//                       attrs grid_resolution i64, step_size f32, max_steps i64
+//   ngp_composite_fwd   (sigmas f32[S], rgbs f32[S, 3], ts f32[S], dts f32[S], ray_indices s32[S],
+//                        valid pred[S]) -> (colour f32[R, 3], opacity f32[R], depth f32[R])
+//                       attr termination_threshold f32
+//   ngp_composite_bwd   (the six inputs, d_colour f32[R, 3], d_opacity f32[R], d_depth f32[R])
+//                       -> (d_sigmas f32[S], d_rgbs f32[S, 3]), attr termination_threshold f32
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <string>
 
+#include "compositing.h"
 #include "hash_grid.h"
+#include "marching.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef NGP_KERNELS_WITH_CUDA
@@ -212,6 +227,197 @@ ffi::Error BwdBothCuda(cudaStream_t stream, F32Buffer table, F32Buffer positions
 }
 #endif  // NGP_KERNELS_WITH_CUDA
 
+
+// ---------------------------------------------------------------------------------------------
+// Volume rendering: ray marching and compositing. Validation is shared by CPU and CUDA.
+
+using S32Buffer = ffi::Buffer<ffi::S32>;
+using S32Result = ffi::ResultBuffer<ffi::S32>;
+using PredBuffer = ffi::Buffer<ffi::PRED>;
+using PredResult = ffi::ResultBuffer<ffi::PRED>;
+using U8Buffer = ffi::Buffer<ffi::U8>;
+
+bool HasShape(ffi::Span<const int64_t> dims, std::initializer_list<int64_t> shape) {
+  if (dims.size() != shape.size()) return false;
+  size_t i = 0;
+  for (int64_t s : shape)
+    if (dims[i++] != s) return false;
+  return true;
+}
+
+ffi::Error PrepareMarch(const F32Buffer& origins, const F32Buffer& directions, const U8Buffer& bitfield,
+                        const F32Buffer& aabb, F32Result& positions, F32Result& dirs_out,
+                        F32Result& ts, F32Result& dts, S32Result& ray_indices, PredResult& valid,
+                        S32Result& num_samples, S32Result& ray_counts, int64_t grid_resolution,
+                        float step_size, int64_t max_steps, MarchParams* pm, MarchOutputs* out) {
+  const auto od = origins.dimensions();
+  if (od.size() != 2 || od[1] != 3) return ffi::Error::InvalidArgument("origins must be [R, 3]");
+  const int64_t R = od[0];
+  if (!HasShape(directions.dimensions(), {R, 3}))
+    return ffi::Error::InvalidArgument("directions must be [R, 3] like origins");
+  if (!HasShape(aabb.dimensions(), {2, 3})) return ffi::Error::InvalidArgument("aabb must be [2, 3]");
+  if (grid_resolution < 2 || grid_resolution > 2048 || (grid_resolution % 2) != 0)
+    return ffi::Error::InvalidArgument("grid_resolution must be even and in [2, 2048]");
+  const int64_t G = grid_resolution;
+  if (!HasShape(bitfield.dimensions(), {G * G * G / 8}))
+    return ffi::Error::InvalidArgument("bitfield must be [grid_resolution^3 / 8] uint8");
+  if (max_steps < 0 || max_steps > (int64_t{1} << 23))
+    return ffi::Error::InvalidArgument("max_steps must be in [0, 2^23]");
+  const auto pd = positions->dimensions();
+  if (pd.size() != 2 || pd[1] != 3) return ffi::Error::InvalidArgument("positions must be [S, 3]");
+  const int64_t S = pd[0];
+  if (!HasShape(dirs_out->dimensions(), {S, 3}) || !HasShape(ts->dimensions(), {S}) ||
+      !HasShape(dts->dimensions(), {S}) || !HasShape(ray_indices->dimensions(), {S}) ||
+      !HasShape(valid->dimensions(), {S}) || !HasShape(num_samples->dimensions(), {}) ||
+      !HasShape(ray_counts->dimensions(), {R}))
+    return ffi::Error::InvalidArgument("march_rays result shapes are inconsistent");
+  if (R >= INT32_MAX) return ffi::Error::InvalidArgument("too many rays for int32 ray indices");
+  pm->num_rays = R;
+  pm->max_steps = max_steps;
+  pm->max_samples = S;
+  pm->grid_resolution = static_cast<int32_t>(G);
+  pm->step_size = step_size;
+  *out = MarchOutputs{positions->typed_data(),   dirs_out->typed_data(), ts->typed_data(),
+                      dts->typed_data(),         ray_indices->typed_data(), valid->typed_data(),
+                      num_samples->typed_data(), ray_counts->typed_data()};
+  return ffi::Error::Success();
+}
+
+ffi::Error PrepareComposite(const F32Buffer& sigmas, const F32Buffer& rgbs, const F32Buffer& ts,
+                            const F32Buffer& dts, const S32Buffer& ray_indices, const PredBuffer& valid,
+                            int64_t num_rays, float threshold, CompositeInputs* in) {
+  const auto sd = sigmas.dimensions();
+  if (sd.size() != 1) return ffi::Error::InvalidArgument("sigmas must be [S]");
+  const int64_t S = sd[0];
+  if (!HasShape(rgbs.dimensions(), {S, 3}) || !HasShape(ts.dimensions(), {S}) ||
+      !HasShape(dts.dimensions(), {S}) || !HasShape(ray_indices.dimensions(), {S}) ||
+      !HasShape(valid.dimensions(), {S}))
+    return ffi::Error::InvalidArgument("composite needs sigmas [S], rgbs [S, 3], ts, dts, ray_indices, valid [S]");
+  *in = CompositeInputs{sigmas.typed_data(), rgbs.typed_data(),        ts.typed_data(),
+                        dts.typed_data(),    ray_indices.typed_data(), valid.typed_data(),
+                        S,                   num_rays,                 threshold};
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckRayOutputs(int64_t R, ffi::Span<const int64_t> colour, ffi::Span<const int64_t> opacity,
+                           ffi::Span<const int64_t> depth) {
+  if (!HasShape(colour, {R, 3}) || !HasShape(opacity, {R}) || !HasShape(depth, {R}))
+    return ffi::Error::InvalidArgument("per-ray arrays must be colour [R, 3], opacity [R], depth [R]");
+  return ffi::Error::Success();
+}
+
+int64_t NumRays(ffi::Span<const int64_t> opacity_dims) { return opacity_dims.size() == 1 ? opacity_dims[0] : -1; }
+
+ffi::Error MarchRaysCpuHandler(F32Buffer origins, F32Buffer directions, U8Buffer bitfield, F32Buffer aabb,
+                               F32Result positions, F32Result dirs_out, F32Result ts, F32Result dts,
+                               S32Result ray_indices, PredResult valid, S32Result num_samples,
+                               S32Result ray_counts, int64_t grid_resolution, float step_size,
+                               int64_t max_steps) {
+  MarchParams pm;
+  MarchOutputs out;
+  if (ffi::Error e = PrepareMarch(origins, directions, bitfield, aabb, positions, dirs_out, ts, dts,
+                                  ray_indices, valid, num_samples, ray_counts, grid_resolution,
+                                  step_size, max_steps, &pm, &out);
+      e.failure())
+    return e;
+  MarchRaysCpu(pm, origins.typed_data(), directions.typed_data(), bitfield.typed_data(), aabb.typed_data(), out);
+  return ffi::Error::Success();
+}
+
+ffi::Error CompositeFwdCpu(F32Buffer sigmas, F32Buffer rgbs, F32Buffer ts, F32Buffer dts,
+                           S32Buffer ray_indices, PredBuffer valid, F32Result colour,
+                           F32Result opacity, F32Result depth, float threshold) {
+  CompositeInputs in;
+  const int64_t R = NumRays(opacity->dimensions());
+  if (ffi::Error e = PrepareComposite(sigmas, rgbs, ts, dts, ray_indices, valid, R, threshold, &in);
+      e.failure())
+    return e;
+  if (ffi::Error e = CheckRayOutputs(R, colour->dimensions(), opacity->dimensions(), depth->dimensions());
+      e.failure())
+    return e;
+  CompositeForwardCpu(in, colour->typed_data(), opacity->typed_data(), depth->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error CompositeBwdCpu(F32Buffer sigmas, F32Buffer rgbs, F32Buffer ts, F32Buffer dts,
+                           S32Buffer ray_indices, PredBuffer valid, F32Buffer d_colour,
+                           F32Buffer d_opacity, F32Buffer d_depth, F32Result d_sigmas,
+                           F32Result d_rgbs, float threshold) {
+  CompositeInputs in;
+  const int64_t R = NumRays(d_opacity.dimensions());
+  if (ffi::Error e = PrepareComposite(sigmas, rgbs, ts, dts, ray_indices, valid, R, threshold, &in);
+      e.failure())
+    return e;
+  if (ffi::Error e = CheckRayOutputs(R, d_colour.dimensions(), d_opacity.dimensions(), d_depth.dimensions());
+      e.failure())
+    return e;
+  if (!HasShape(d_sigmas->dimensions(), {in.num_samples}) || !HasShape(d_rgbs->dimensions(), {in.num_samples, 3}))
+    return ffi::Error::InvalidArgument("d_sigmas must be [S], d_rgbs [S, 3]");
+  CompositeBackwardCpu(in, d_colour.typed_data(), d_opacity.typed_data(), d_depth.typed_data(),
+                       d_sigmas->typed_data(), d_rgbs->typed_data());
+  return ffi::Error::Success();
+}
+
+#ifdef NGP_KERNELS_WITH_CUDA
+ffi::Error MarchRaysCudaHandler(cudaStream_t stream, ffi::ScratchAllocator scratch, F32Buffer origins,
+                                F32Buffer directions, U8Buffer bitfield, F32Buffer aabb,
+                                F32Result positions, F32Result dirs_out, F32Result ts, F32Result dts,
+                                S32Result ray_indices, PredResult valid, S32Result num_samples,
+                                S32Result ray_counts, int64_t grid_resolution, float step_size,
+                                int64_t max_steps) {
+  MarchParams pm;
+  MarchOutputs out;
+  if (ffi::Error e = PrepareMarch(origins, directions, bitfield, aabb, positions, dirs_out, ts, dts,
+                                  ray_indices, valid, num_samples, ray_counts, grid_resolution,
+                                  step_size, max_steps, &pm, &out);
+      e.failure())
+    return e;
+  const size_t bytes = MarchRaysCudaScratchBytes(pm.num_rays, pm.grid_resolution);
+  void* buffer = nullptr;
+  if (bytes > 0) {
+    std::optional<void*> mem = scratch.Allocate(bytes, 256);
+    if (!mem.has_value()) return ffi::Error::Internal("ngp_march_rays: scratch allocation failed");
+    buffer = *mem;
+  }
+  return CudaStatus(MarchRaysCuda(stream, pm, origins.typed_data(), directions.typed_data(),
+                                  bitfield.typed_data(), aabb.typed_data(), out, buffer, bytes));
+}
+
+ffi::Error CompositeFwdCuda(cudaStream_t stream, F32Buffer sigmas, F32Buffer rgbs, F32Buffer ts,
+                            F32Buffer dts, S32Buffer ray_indices, PredBuffer valid, F32Result colour,
+                            F32Result opacity, F32Result depth, float threshold) {
+  CompositeInputs in;
+  const int64_t R = NumRays(opacity->dimensions());
+  if (ffi::Error e = PrepareComposite(sigmas, rgbs, ts, dts, ray_indices, valid, R, threshold, &in);
+      e.failure())
+    return e;
+  if (ffi::Error e = CheckRayOutputs(R, colour->dimensions(), opacity->dimensions(), depth->dimensions());
+      e.failure())
+    return e;
+  return CudaStatus(CompositeForwardCuda(stream, in, colour->typed_data(), opacity->typed_data(),
+                                         depth->typed_data()));
+}
+
+ffi::Error CompositeBwdCuda(cudaStream_t stream, F32Buffer sigmas, F32Buffer rgbs, F32Buffer ts,
+                            F32Buffer dts, S32Buffer ray_indices, PredBuffer valid, F32Buffer d_colour,
+                            F32Buffer d_opacity, F32Buffer d_depth, F32Result d_sigmas,
+                            F32Result d_rgbs, float threshold) {
+  CompositeInputs in;
+  const int64_t R = NumRays(d_opacity.dimensions());
+  if (ffi::Error e = PrepareComposite(sigmas, rgbs, ts, dts, ray_indices, valid, R, threshold, &in);
+      e.failure())
+    return e;
+  if (ffi::Error e = CheckRayOutputs(R, d_colour.dimensions(), d_opacity.dimensions(), d_depth.dimensions());
+      e.failure())
+    return e;
+  if (!HasShape(d_sigmas->dimensions(), {in.num_samples}) || !HasShape(d_rgbs->dimensions(), {in.num_samples, 3}))
+    return ffi::Error::InvalidArgument("d_sigmas must be [S], d_rgbs [S, 3]");
+  return CudaStatus(CompositeBackwardCuda(stream, in, d_colour.typed_data(), d_opacity.typed_data(),
+                                          d_depth.typed_data(), d_sigmas->typed_data(),
+                                          d_rgbs->typed_data()));
+}
+#endif  // NGP_KERNELS_WITH_CUDA
+
 }  // namespace
 }  // namespace ngp_kernels
 
@@ -282,6 +488,63 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpHashGridBwdBothCuda, ngp_kernels::BwdBothCuda,
                                                   .Ret<ffi::Buffer<ffi::F32>>()));
 #endif
 
+
+// Volume rendering handler symbols.
+#define NGP_MARCH_BIND(binding)                            \
+  binding.Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::U8>>()                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::S32>>()                        \
+      .Ret<ffi::Buffer<ffi::PRED>>()                       \
+      .Ret<ffi::Buffer<ffi::S32>>()                        \
+      .Ret<ffi::Buffer<ffi::S32>>()                        \
+      .Attr<int64_t>("grid_resolution")                    \
+      .Attr<float>("step_size")                            \
+      .Attr<int64_t>("max_steps")
+#define NGP_COMPOSITE_INPUTS(binding)                      \
+  binding.Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::S32>>()                        \
+      .Arg<ffi::Buffer<ffi::PRED>>()
+#define NGP_COMPOSITE_FWD_BIND(binding)                    \
+  NGP_COMPOSITE_INPUTS(binding)                            \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Attr<float>("termination_threshold")
+#define NGP_COMPOSITE_BWD_BIND(binding)                    \
+  NGP_COMPOSITE_INPUTS(binding)                            \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Attr<float>("termination_threshold")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpMarchRaysCpu, ngp_kernels::MarchRaysCpuHandler,
+                              NGP_MARCH_BIND(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpCompositeFwdCpu, ngp_kernels::CompositeFwdCpu,
+                              NGP_COMPOSITE_FWD_BIND(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpCompositeBwdCpu, ngp_kernels::CompositeBwdCpu,
+                              NGP_COMPOSITE_BWD_BIND(ffi::Ffi::Bind()));
+#ifdef NGP_KERNELS_WITH_CUDA
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpMarchRaysCuda, ngp_kernels::MarchRaysCudaHandler,
+                              NGP_MARCH_BIND(ffi::Ffi::Bind()
+                                                 .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                 .Ctx<ffi::ScratchAllocator>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpCompositeFwdCuda, ngp_kernels::CompositeFwdCuda,
+                              NGP_COMPOSITE_FWD_BIND(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NgpCompositeBwdCuda, ngp_kernels::CompositeBwdCuda,
+                              NGP_COMPOSITE_BWD_BIND(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+#endif
+
 namespace {
 template <typename Fn>
 py::capsule Capsule(Fn* fn) {
@@ -299,6 +562,9 @@ PYBIND11_MODULE(_ngp_kernels, m) {
         cpu["ngp_hash_grid_bwd_table"] = Capsule(NgpHashGridBwdTableCpu);
         cpu["ngp_hash_grid_bwd_positions"] = Capsule(NgpHashGridBwdPositionsCpu);
         cpu["ngp_hash_grid_bwd_both"] = Capsule(NgpHashGridBwdBothCpu);
+        cpu["ngp_march_rays"] = Capsule(NgpMarchRaysCpu);
+        cpu["ngp_composite_fwd"] = Capsule(NgpCompositeFwdCpu);
+        cpu["ngp_composite_bwd"] = Capsule(NgpCompositeBwdCpu);
         out["cpu"] = cpu;
 #ifdef NGP_KERNELS_WITH_CUDA
         py::dict cuda;
@@ -306,6 +572,9 @@ PYBIND11_MODULE(_ngp_kernels, m) {
         cuda["ngp_hash_grid_bwd_table"] = Capsule(NgpHashGridBwdTableCuda);
         cuda["ngp_hash_grid_bwd_positions"] = Capsule(NgpHashGridBwdPositionsCuda);
         cuda["ngp_hash_grid_bwd_both"] = Capsule(NgpHashGridBwdBothCuda);
+        cuda["ngp_march_rays"] = Capsule(NgpMarchRaysCuda);
+        cuda["ngp_composite_fwd"] = Capsule(NgpCompositeFwdCuda);
+        cuda["ngp_composite_bwd"] = Capsule(NgpCompositeBwdCuda);
         out["CUDA"] = cuda;
 #endif
         return out;

@@ -1,10 +1,15 @@
-"""Instant-NGP multiresolution hash-grid encoding as XLA FFI custom calls.
+"""Instant-NGP multiresolution hash-grid encoding, ray marching and compositing as XLA FFI calls.
 
 C++ kernels on CPU (multithreaded, deterministic backward), CUDA kernels on GPU when the package
-was built with nvcc. The function computed is exactly ``fields.models.hash_grid.encode_reference``.
+was built with nvcc. The functions computed are exactly ``fields.models.hash_grid.encode_reference``
+and ``fields.rendering.volume.march_rays`` / ``composite_reference``.
 
 Public API:
     hash_grid_encode(table, positions, config) -> features
+    march_rays(origins, directions, bitfield, aabb, *, grid_resolution, step_size, max_steps,
+               max_samples) -> MarchedSamples (a NamedTuple of 8 arrays)
+    composite(sigmas, rgbs, ts, dts, ray_indices, valid, *, num_rays, termination_threshold)
+        -> (colour, opacity, depth), differentiable w.r.t. sigmas and rgbs
     GridSpec: the static per-level layout the kernels need (built from any config-like object)
     built_with_cuda(): True when the CUDA targets were compiled in (and registered)
     cpu_num_threads(): threads the CPU kernels use
@@ -16,8 +21,17 @@ import jax
 
 from ngp_kernels import _ngp_kernels
 from ngp_kernels.hash_grid import GridSpec, hash_grid_encode
+from ngp_kernels.volume import MarchedSamples, composite, march_rays
 
-__all__ = ["GridSpec", "hash_grid_encode", "built_with_cuda", "cpu_num_threads"]
+__all__ = [
+    "GridSpec",
+    "hash_grid_encode",
+    "MarchedSamples",
+    "march_rays",
+    "composite",
+    "built_with_cuda",
+    "cpu_num_threads",
+]
 __version__ = "0.1.0"
 
 
