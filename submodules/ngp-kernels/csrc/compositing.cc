@@ -1,5 +1,6 @@
 // CPU core of compositing (see compositing.h for the semantics and the gradient).
 #include "compositing.h"
+#include "thread_pool.h"
 
 #include <algorithm>
 #include <cstring>
@@ -43,7 +44,7 @@ void CompositeForwardCpu(const CompositeInputs& in, float* colour, float* opacit
   std::memset(colour, 0, 3 * R * sizeof(float));
   std::memset(opacity, 0, R * sizeof(float));
   std::memset(depth, 0, R * sizeof(float));
-  VolumeParallelFor(NumTasks(in.num_samples), [&](int64_t task) {
+  ParallelFor(NumTasks(in.num_samples), [&](int64_t task) {
     ForEachOwnedSegment(
         in, task,
         [&](int64_t b, int64_t e) { vol::CompositeSegment(in, b, e, colour, opacity, depth); },
@@ -53,7 +54,7 @@ void CompositeForwardCpu(const CompositeInputs& in, float* colour, float* opacit
 
 void CompositeBackwardCpu(const CompositeInputs& in, const float* d_colour, const float* d_opacity,
                           const float* d_depth, float* d_sigmas, float* d_rgbs) {
-  VolumeParallelFor(NumTasks(in.num_samples), [&](int64_t task) {
+  ParallelFor(NumTasks(in.num_samples), [&](int64_t task) {
     ForEachOwnedSegment(
         in, task,
         [&](int64_t b, int64_t e) {

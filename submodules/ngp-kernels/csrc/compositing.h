@@ -21,7 +21,7 @@
 
 #include <cstdint>
 
-#include "marching.h"  // NGP_VOL_HD, vol:: float helpers, VolumeParallelFor
+#include "marching.h"  // NGP_VOL_HD, vol:: float helpers
 
 namespace ngp_kernels {
 

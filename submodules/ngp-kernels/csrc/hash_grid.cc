@@ -29,100 +29,20 @@
 namespace ngp_kernels {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// A small persistent thread pool. Run(num_tasks, fn) calls fn(t) for every t in [0, num_tasks),
-// on the calling thread plus (size - 1) workers that claim tasks from an atomic counter. Which
-// thread runs a task never changes a result: every task writes its own outputs. A call that finds
-// the pool busy (a concurrent XLA thread) waits for it: one Run at a time.
-class Pool {
- public:
-  explicit Pool(int size) : size_(std::max(1, size)) {
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { Loop(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
-
-  int size() const { return size_; }
-
-  void Run(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
-    if (num_tasks <= 0) return;
-    if (size_ == 1 || num_tasks == 1) {
-      for (int64_t t = 0; t < num_tasks; ++t) fn(t);
-      return;
-    }
-    // XLA may run independent custom calls concurrently (e.g. a forward and a backward that does
-    // not need its output): they take turns, each with all threads, rather than fight over cores.
-    std::lock_guard<std::mutex> busy(run_mu_);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      num_tasks_ = num_tasks;
-      next_.store(0, std::memory_order_relaxed);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
-    }
-    wake_.notify_all();
-    Work();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void Work() {
-    for (;;) {
-      const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= num_tasks_) return;
-      (*fn_)(t);
-    }
-  }
-
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-      }
-      Work();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--active_ == 0) done_.notify_one();
-      }
-    }
-  }
-
-  const int size_;
-  std::vector<std::thread> workers_;
-  std::mutex run_mu_;  // one Run at a time
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t num_tasks_ = 0;
-  std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-};
-
-Pool& GetPool() {
-  static Pool* pool = new Pool(CpuNumThreads());  // leaked on purpose: no join at exit
-  return *pool;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Per-block kernels.
 
-constexpr int kBlock = 128;           // points per block (SoA scratch stays in L1)
-constexpr int64_t kPointChunk = 4096; // points per task for point-parallel passes
+constexpr int kBlock = 128;            // points per block (SoA scratch stays in L1)
+constexpr int64_t kPointChunk = 4096;  // points per task of a point-parallel pass
+constexpr int kPrefetchAhead = 16;     // points between a row's prefetch and its gather / scatter
+// Rows of levels whose slice of the table is at least this big are prefetched ahead of use: such
+// a slice does not stay in L1/L2, and a random row costs an L2/L3 round trip.
+constexpr int64_t kPrefetchBytes = 256 << 10;
+
+inline bool PrefetchLevel(const Level& lv, int features) {
+  return static_cast<int64_t>(lv.size) * features * 4 >= kPrefetchBytes;
+}
 
 template <int D>
 struct Block {
@@ -227,14 +147,43 @@ inline void Corners(const Level& lv, int n, Block<D>& b) {
   });
 }
 
+// Prefetch of one row into L1 (kWrite: for a read-modify-write). Inline asm on x86: GCC's
+// vectoriser deletes __builtin_prefetch calls from the loops it vectorises (all of them here).
+template <bool kWrite>
+inline void PrefetchRow(const float* p) {
+#if defined(NGP_X86) && defined(__GNUC__)
+  if constexpr (kWrite) {
+    asm volatile("prefetchw %0" : : "m"(*p));  // a no-op on x86 CPUs without PREFETCHW
+  } else {
+    asm volatile("prefetcht0 %0" : : "m"(*p));
+  }
+#else
+  __builtin_prefetch(p, kWrite ? 1 : 0, 3);
+#endif
+}
+
+// Prefetches the corner rows of points [lo, hi) of the block (kWrite: for a read-modify-write).
+template <int D, bool kWrite>
+inline void PrefetchPoints(const float* table, int features, const Block<D>& b, int lo, int hi) {
+  for (int i = lo; i < hi; ++i) {
+    ForEach<Block<D>::C>([&](auto c) {
+      PrefetchRow<kWrite>(table + static_cast<int64_t>(b.rows[c][i]) * features);
+    });
+  }
+}
+
 // outT[i][f] = sum_c w[c][i] * table[rows[c][i], f] for one level (table = level base pointer).
+// pf: prefetch rows kPrefetchAhead points ahead of the gathers.
 template <int D, int kF>
 inline void GatherLevel(const float* __restrict table, int features, int n, const Block<D>& b,
-                        float* __restrict outT) {
+                        float* __restrict outT, bool pf) {
   const int F = kF > 0 ? kF : features;
   int i = 0;
 #if defined(__AVX512F__)
   if constexpr (kF == 2) {
+    // No software prefetch here: the eight independent gathers keep enough loads in flight, and
+    // the extra prefetch instructions measured slower.
+    pf = false;
     // Eight points at a time: one 64-bit gather fetches both features of a corner row.
     const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const double* rows64 = reinterpret_cast<const double*>(table);
@@ -250,7 +199,10 @@ inline void GatherLevel(const float* __restrict table, int features, int n, cons
     }
   }
 #endif
+  if (pf) PrefetchPoints<D, false>(table, F, b, i, std::min(n, i + kPrefetchAhead));
   for (; i < n; ++i) {
+    if (pf && i + kPrefetchAhead < n)
+      PrefetchPoints<D, false>(table, F, b, i + kPrefetchAhead, i + kPrefetchAhead + 1);
     for (int f = 0; f < F; ++f) {
       float acc = 0.0f;
       ForEach<Block<D>::C>([&](auto c) { acc += b.w[c][i] * table[b.rows[c][i] * F + f]; });
@@ -259,58 +211,77 @@ inline void GatherLevel(const float* __restrict table, int features, int n, cons
   }
 }
 
-// Prefetches the corner rows of a level whose table slice is too big for the caches to hold
-// anyway, so the gathers / scatters that follow find them in L1/L2.
-template <int D>
-inline void PrefetchRows(const Level& lv, const float* table, int features, int n, const Block<D>& b) {
-  if (static_cast<int64_t>(lv.size) * features * 4 < (256 << 10)) return;
-  ForEach<Block<D>::C>([&](auto c) {
-    for (int i = 0; i < n; ++i)
-      __builtin_prefetch(table + static_cast<int64_t>(b.rows[c][i]) * features, 0, 3);
-  });
-}
-
-// d_table[rows[c][i], f] += w[c][i] * gT[f][i], points in order, corners in order.
+// d_table[rows[c][i], f] += w[c][i] * g[i][f], points in order, corners in order (g: the level's
+// cotangent, point-major, as in d_out). pf: prefetch rows kPrefetchAhead points ahead.
 template <int D, int kF>
 inline void ScatterLevel(float* __restrict d_table, int features, int n, const Block<D>& b,
-                         const float* __restrict gT) {
+                         const float* __restrict g, bool pf) {
   const int F = kF > 0 ? kF : features;
+  constexpr int C = Block<D>::C;
+  if (pf) PrefetchPoints<D, true>(d_table, F, b, 0, std::min(n, kPrefetchAhead));
 #if defined(NGP_X86)
   if constexpr (kF == 2) {
-    // Both features of a row in one 64-bit read-modify-write (same mul-then-add per element).
+    // The products w * g first (vectorised, the same single-rounding multiply as before), then one
+    // 64-bit read-modify-write per corner row carrying both features.
+    alignas(64) float wg[C][2 * kBlock];
+    int i0 = 0;
+#if defined(__AVX512F__)
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (; i0 + 8 <= n; i0 += 8) {
+      const __m512 gv = _mm512_loadu_ps(g + 2 * i0);
+      ForEach<C>([&](auto c) {
+        const __m512 w = _mm512_permutexvar_ps(dup, _mm512_castps256_ps512(_mm256_load_ps(b.w[c] + i0)));
+        _mm512_store_ps(wg[c] + 2 * i0, _mm512_mul_ps(w, gv));
+      });
+    }
+#endif
+    for (; i0 < n; ++i0) {
+      ForEach<C>([&](auto c) {
+        wg[c][2 * i0] = b.w[c][i0] * g[2 * i0];
+        wg[c][2 * i0 + 1] = b.w[c][i0] * g[2 * i0 + 1];
+      });
+    }
     for (int i = 0; i < n; ++i) {
-      const __m128 g = _mm_unpacklo_ps(_mm_load_ss(gT + i), _mm_load_ss(gT + kBlock + i));
-      ForEach<Block<D>::C>([&](auto c) {
-        double* dst = reinterpret_cast<double*>(d_table + static_cast<int64_t>(b.rows[c][i]) * 2);
-        __m128 v = _mm_castpd_ps(_mm_load_sd(dst));
-        v = _mm_add_ps(v, _mm_mul_ps(_mm_set1_ps(b.w[c][i]), g));
-        _mm_store_sd(dst, _mm_castps_pd(v));
+      if (pf && i + kPrefetchAhead < n)
+        PrefetchPoints<D, true>(d_table, F, b, i + kPrefetchAhead, i + kPrefetchAhead + 1);
+      ForEach<C>([&](auto c) {
+        // 64-bit loads / stores through the may-alias __m64_u type of _mm_loadl_epi64 (a plain
+        // double* access to float memory would let the compiler reorder it, strict aliasing).
+        __m128i* dst = reinterpret_cast<__m128i*>(d_table + static_cast<int64_t>(b.rows[c][i]) * 2);
+        const __m128 p = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wg[c] + 2 * i)));
+        const __m128 v = _mm_add_ps(_mm_castsi128_ps(_mm_loadl_epi64(dst)), p);
+        _mm_storel_epi64(dst, _mm_castps_si128(v));
       });
     }
     return;
   }
 #endif
   for (int i = 0; i < n; ++i) {
-    ForEach<Block<D>::C>([&](auto c) {
+    if (pf && i + kPrefetchAhead < n)
+      PrefetchPoints<D, true>(d_table, F, b, i + kPrefetchAhead, i + kPrefetchAhead + 1);
+    ForEach<C>([&](auto c) {
       float* dst = d_table + static_cast<int64_t>(b.rows[c][i]) * F;
       const float wc = b.w[c][i];
-      for (int f = 0; f < F; ++f) dst[f] += wc * gT[f * kBlock + i];
+      for (int f = 0; f < F; ++f) dst[f] += wc * g[i * F + f];
     });
   }
 }
 
-// dposT[d][i] += scale * sum_c (sum_f gT[f][i] * table[rows[c][i], f]) * d w_c / d frac_d.
+// dpos[i][d] += scale * sum_c (sum_f g[i][f] * table[rows[c][i], f]) * d w_c / d frac_d.
 template <int D, int kF>
 inline void PositionGradLevel(const float* __restrict table, int features, float scale, int n,
-                              const Block<D>& b, const float* __restrict gT,
-                              float* __restrict dposT) {
+                              const Block<D>& b, const float* __restrict g,
+                              float* __restrict dpos, bool pf) {
   const int F = kF > 0 ? kF : features;
   constexpr int C = Block<D>::C;
+  if (pf) PrefetchPoints<D, false>(table, F, b, 0, std::min(n, kPrefetchAhead));
   for (int i = 0; i < n; ++i) {
+    if (pf && i + kPrefetchAhead < n)
+      PrefetchPoints<D, false>(table, F, b, i + kPrefetchAhead, i + kPrefetchAhead + 1);
     float val[C];
     ForEach<C>([&](auto c) {
       float v = 0.0f;
-      for (int f = 0; f < F; ++f) v += gT[f * kBlock + i] * table[b.rows[c][i] * F + f];
+      for (int f = 0; f < F; ++f) v += g[i * F + f] * table[b.rows[c][i] * F + f];
       val[c] = v;
     });
     ForEach<D>([&](auto d) {
@@ -322,19 +293,21 @@ inline void PositionGradLevel(const float* __restrict table, int features, float
         });
         s += p;
       });
-      dposT[d * kBlock + i] += s * scale;
+      dpos[i * D + d] += s * scale;
     });
   }
 }
 
-// gT[f][i] = d_out[i, l*F + f] (one level's cotangent, transposed).
+// g[i][f] = d_out[i, l*F + f] (one level's cotangent of n points, packed point-major).
 inline void LoadLevelCotangent(const float* __restrict d_out, int64_t row_stride, int level,
-                               int features, int n, float* __restrict gT) {
-  for (int f = 0; f < features; ++f) {
-    const float* __restrict src = d_out + level * features + f;
-    float* __restrict dst = gT + f * kBlock;
-    for (int i = 0; i < n; ++i) dst[i] = src[i * row_stride];
+                               int features, int n, float* __restrict g) {
+  const float* __restrict src = d_out + level * features;
+  if (features == 2) {
+    for (int i = 0; i < n; ++i) std::memcpy(g + 2 * i, src + i * row_stride, 8);
+    return;
   }
+  for (int i = 0; i < n; ++i)
+    for (int f = 0; f < features; ++f) g[i * features + f] = src[i * row_stride + f];
 }
 
 template <typename T>
@@ -345,6 +318,15 @@ T* ThreadScratch(std::vector<T>& v, size_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // Passes.
+//
+// Levels are visited in runs: consecutive levels whose slices of the table together fit in
+// kRunBytes (a bigger level is a run of its own). A pass walks the points once per run, every
+// block of points through all levels of the run. On a NeRF-size grid each hashed level (4 MB) is
+// its own run, so one level's slice stays hot in L2 / the TLB while all points stream through it
+// (visiting all levels per block thrashes both); a small grid (images) is one run, so positions
+// are read and output rows written once per block.
+
+constexpr int64_t kRunBytes = 1 << 20;
 
 struct Args {
   const Grid* grid;
@@ -358,13 +340,31 @@ struct Args {
   float* d_positions;
 };
 
+// Splits levels[0, n) (ascending level indices) into runs; returns run boundaries into levels.
+inline std::vector<int> SplitRuns(const Grid& g, const int* levels, int n) {
+  std::vector<int> bounds{0};
+  int64_t bytes = 0;
+  for (int k = 0; k < n; ++k) {
+    const int64_t b = static_cast<int64_t>(g.levels[levels[k]].size) * g.features * 4;
+    if (k > bounds.back() && bytes + b > kRunBytes) {
+      bounds.push_back(k);
+      bytes = 0;
+    }
+    bytes += b;
+  }
+  bounds.push_back(n);
+  return bounds;
+}
+
+// Forward of levels[0, nl) for global points [begin, end) (over N * B).
 template <int D, int kF>
-void ForwardTask(const Args& a, int64_t begin, int64_t end) {
+void ForwardTask(const Args& a, const int* levels, int nl, int64_t begin, int64_t end) {
   const Grid& g = *a.grid;
   const int L = g.num_levels, F = g.features, LF = L * F;
+  const int Fc = kF > 0 ? kF : F;
   const int64_t B = a.num_points, E = g.num_entries;
   thread_local std::vector<float> scratch;
-  float* outT = ThreadScratch(scratch, static_cast<size_t>(LF) * kBlock);
+  float* outT = ThreadScratch(scratch, static_cast<size_t>(F) * kBlock);
   Block<D> blk;
   for (int64_t p = begin; p < end;) {
     const int64_t n_field = p / B;
@@ -375,32 +375,29 @@ void ForwardTask(const Args& a, int64_t begin, int64_t end) {
     for (int64_t b0 = p - n_field * B; b0 < seg_end - n_field * B; b0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, seg_end - n_field * B - b0));
       LoadPositions<D>(pos + b0 * D, n, blk);
-      for (int l = 0; l < L; ++l) {
+      for (int k = 0; k < nl; ++k) {
+        const int l = levels[k];
         const Level& lv = g.levels[l];
         Corners<D>(lv, n, blk);
-        PrefetchRows<D>(lv, table + lv.offset * F, F, n, blk);
-        GatherLevel<D, kF>(table + lv.offset * F, F, n, blk, outT + l * F * kBlock);
+        GatherLevel<D, kF>(table + lv.offset * F, F, n, blk, outT, PrefetchLevel(lv, F));
+        float* __restrict o = out + b0 * LF + l * Fc;
+        for (int i = 0; i < n; ++i)
+          for (int f = 0; f < Fc; ++f) o[i * LF + f] = outT[i * Fc + f];
       }
-      // outT is [L][kBlock][F]; out rows are [L][F].
-      float* __restrict o = out + b0 * LF;
-      const int Fc = kF > 0 ? kF : F;
-      for (int i = 0; i < n; ++i)
-        for (int l = 0; l < L; ++l)
-          for (int f = 0; f < Fc; ++f) o[i * LF + l * Fc + f] = outT[(l * kBlock + i) * Fc + f];
     }
     p = seg_end;
   }
 }
 
-// d_positions only: point-parallel, levels summed in order per point.
+// d_positions += the share of levels[0, nl), global points [begin, end); zero: start from zero.
 template <int D, int kF>
-void PositionGradTask(const Args& a, int64_t begin, int64_t end) {
+void PositionGradTask(const Args& a, const int* levels, int nl, bool zero, int64_t begin,
+                      int64_t end) {
   const Grid& g = *a.grid;
   const int L = g.num_levels, F = g.features, LF = L * F;
   const int64_t B = a.num_points, E = g.num_entries;
   thread_local std::vector<float> scratch;
-  float* gT = ThreadScratch(scratch, static_cast<size_t>(F + D) * kBlock);
-  float* dposT = gT + F * kBlock;
+  float* gl = ThreadScratch(scratch, static_cast<size_t>(F) * kBlock);
   Block<D> blk;
   for (int64_t p = begin; p < end;) {
     const int64_t n_field = p / B;
@@ -409,119 +406,151 @@ void PositionGradTask(const Args& a, int64_t begin, int64_t end) {
     const float* pos = a.positions + a.fb->input_field(1, n_field) * B * D;
     const float* dout = a.d_out + a.fb->input_field(2, n_field) * B * LF;
     float* dpos = a.d_positions + n_field * B * D;
-    for (int64_t b0 = p - n_field * B; b0 < seg_end - n_field * B; b0 += kBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kBlock, seg_end - n_field * B - b0));
+    const int64_t lo = p - n_field * B, hi = seg_end - n_field * B;
+    if (zero) std::fill(dpos + lo * D, dpos + hi * D, 0.0f);
+    for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - b0));
       LoadPositions<D>(pos + b0 * D, n, blk);
-      std::fill(dposT, dposT + D * kBlock, 0.0f);
-      for (int l = 0; l < L; ++l) {
+      for (int k = 0; k < nl; ++k) {
+        const int l = levels[k];
         const Level& lv = g.levels[l];
         Corners<D>(lv, n, blk);
-        PrefetchRows<D>(lv, table + lv.offset * F, F, n, blk);
-        LoadLevelCotangent(dout + b0 * LF, LF, l, F, n, gT);
-        PositionGradLevel<D, kF>(table + lv.offset * F, F, lv.scale, n, blk, gT, dposT);
+        LoadLevelCotangent(dout + b0 * LF, LF, l, F, n, gl);
+        PositionGradLevel<D, kF>(table + lv.offset * F, F, lv.scale, n, blk, gl, dpos + b0 * D,
+                                 PrefetchLevel(lv, F));
       }
-      for (int i = 0; i < n; ++i)
-        for (int d = 0; d < D; ++d) dpos[(b0 + i) * D + d] = dposT[d * kBlock + i];
     }
     p = seg_end;
   }
 }
 
-// Group task: group `group` of `num_groups` owns the units u = n * L + l with u % num_groups ==
-// group. It zeroes and accumulates d_table for its units (one writer per table row, points in
-// order) and, if partial != null, writes its levels' share of d_positions for every point.
+// d_table of field n_field, levels[0, nl): zeroes the levels' rows and accumulates every point
+// into them in order. If partial != null (field n_field's [B, D] slice) also adds the levels'
+// share of d_positions to it, levels in order.
 template <int D, int kF>
-void TableGradTask(const Args& a, int group, int num_groups, float* partial) {
+void TableGradTask(const Args& a, int64_t n_field, const int* levels, int nl, float* partial) {
   const Grid& g = *a.grid;
   const int L = g.num_levels, F = g.features, LF = L * F;
   const int64_t B = a.num_points, E = g.num_entries;
-  const int64_t N = a.fb->num_fields();
   thread_local std::vector<float> scratch;
-  float* gT = ThreadScratch(scratch, static_cast<size_t>(F + D) * kBlock);
-  float* dposT = gT + F * kBlock;
-  std::vector<int> levels;
+  float* gl = ThreadScratch(scratch, static_cast<size_t>(F) * kBlock);
+  const float* table = a.table + a.fb->input_field(0, n_field) * E * F;
+  const float* pos = a.positions + a.fb->input_field(1, n_field) * B * D;
+  const float* dout = a.d_out + a.fb->input_field(2, n_field) * B * LF;
+  float* dtab = a.d_table + n_field * E * F;
+  for (int k = 0; k < nl; ++k) {
+    const Level& lv = g.levels[levels[k]];
+    std::memset(dtab + lv.offset * F, 0, sizeof(float) * lv.size * F);
+  }
   Block<D> blk;
-  for (int64_t n_field = 0; n_field < N; ++n_field) {
-    levels.clear();
-    for (int l = 0; l < L; ++l)
-      if ((n_field * L + l) % num_groups == group) levels.push_back(l);
-    if (levels.empty()) {
-      if (partial) std::fill(partial + n_field * B * D, partial + (n_field + 1) * B * D, 0.0f);
-      continue;
-    }
-    const float* table = a.table + a.fb->input_field(0, n_field) * E * F;
-    const float* pos = a.positions + a.fb->input_field(1, n_field) * B * D;
-    const float* dout = a.d_out + a.fb->input_field(2, n_field) * B * LF;
-    float* dtab = a.d_table + n_field * E * F;
-    for (int l : levels) {
+  for (int64_t b0 = 0; b0 < B; b0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, B - b0));
+    LoadPositions<D>(pos + b0 * D, n, blk);
+    for (int k = 0; k < nl; ++k) {
+      const int l = levels[k];
       const Level& lv = g.levels[l];
-      std::memset(dtab + lv.offset * F, 0, sizeof(float) * lv.size * F);
-    }
-    for (int64_t b0 = 0; b0 < B; b0 += kBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kBlock, B - b0));
-      LoadPositions<D>(pos + b0 * D, n, blk);
-      if (partial) std::fill(dposT, dposT + D * kBlock, 0.0f);
-      for (int l : levels) {
-        const Level& lv = g.levels[l];
-        Corners<D>(lv, n, blk);
-        PrefetchRows<D>(lv, dtab + lv.offset * F, F, n, blk);
-        LoadLevelCotangent(dout + b0 * LF, LF, l, F, n, gT);
-        ScatterLevel<D, kF>(dtab + lv.offset * F, F, n, blk, gT);
-        if (partial)
-          PositionGradLevel<D, kF>(table + lv.offset * F, F, lv.scale, n, blk, gT, dposT);
-      }
-      if (partial) {
-        float* dst = partial + (n_field * B + b0) * D;
-        for (int i = 0; i < n; ++i)
-          for (int d = 0; d < D; ++d) dst[i * D + d] = dposT[d * kBlock + i];
-      }
+      const bool pf = PrefetchLevel(lv, F);
+      Corners<D>(lv, n, blk);
+      LoadLevelCotangent(dout + b0 * LF, LF, l, F, n, gl);
+      ScatterLevel<D, kF>(dtab + lv.offset * F, F, n, blk, gl, pf);
+      if (partial)
+        PositionGradLevel<D, kF>(table + lv.offset * F, F, lv.scale, n, blk, gl, partial + b0 * D, pf);
     }
   }
 }
 
+// Point ranges of the tasks of a point-parallel pass.
+struct PointChunks {
+  int64_t total, chunks;
+  explicit PointChunks(int64_t t) : total(t), chunks((t + kPointChunk - 1) / kPointChunk) {}
+  int64_t begin(int64_t c) const { return c * kPointChunk; }
+  int64_t end(int64_t c) const { return std::min(total, (c + 1) * kPointChunk); }
+};
+
+inline std::vector<int> AllLevels(const Grid& g) {
+  std::vector<int> levels(g.num_levels);
+  for (int l = 0; l < g.num_levels; ++l) levels[l] = l;
+  return levels;
+}
+
 template <int D, int kF>
 void Forward(const Args& a) {
-  const int64_t total = a.fb->num_fields() * a.num_points;
-  const int64_t tasks = (total + kPointChunk - 1) / kPointChunk;
-  GetPool().Run(tasks, [&](int64_t t) {
-    ForwardTask<D, kF>(a, t * kPointChunk, std::min(total, (t + 1) * kPointChunk));
+  const std::vector<int> levels = AllLevels(*a.grid);
+  const std::vector<int> runs = SplitRuns(*a.grid, levels.data(), a.grid->num_levels);
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
+  const PointChunks pc(a.fb->num_fields() * a.num_points);
+  // Task t = (run t / chunks, chunk t % chunks): the threads sweep one run at a time.
+  ParallelFor(num_runs * pc.chunks, [&](int64_t t) {
+    const int64_t r = t / pc.chunks, c = t % pc.chunks;
+    ForwardTask<D, kF>(a, levels.data() + runs[r], runs[r + 1] - runs[r], pc.begin(c), pc.end(c));
   });
 }
 
 template <int D, int kF>
 void Backward(const Args& a) {
+  const Grid& g = *a.grid;
+  const int L = g.num_levels;
   const int64_t N = a.fb->num_fields();
   const int64_t total = N * a.num_points;
-  const int64_t chunks = (total + kPointChunk - 1) / kPointChunk;
-  Pool& pool = GetPool();
   if (!a.d_table) {
     if (!a.d_positions) return;
-    pool.Run(chunks, [&](int64_t t) {
-      PositionGradTask<D, kF>(a, t * kPointChunk, std::min(total, (t + 1) * kPointChunk));
+    // Run-major like the forward; a chunk's run r waits for its run r - 1 (claimed earlier, so in
+    // progress or done: no deadlock), so every point sums its levels in order.
+    const std::vector<int> levels = AllLevels(g);
+    const std::vector<int> runs = SplitRuns(g, levels.data(), L);
+    const int64_t num_runs = static_cast<int64_t>(runs.size()) - 1;
+    const PointChunks pc(total);
+    std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[pc.chunks]);
+    for (int64_t c = 0; c < pc.chunks; ++c) done[c].store(0, std::memory_order_relaxed);
+    ParallelFor(num_runs * pc.chunks, [&](int64_t t) {
+      const int64_t r = t / pc.chunks, c = t % pc.chunks;
+      while (done[c].load(std::memory_order_acquire) < r) std::this_thread::yield();
+      PositionGradTask<D, kF>(a, levels.data() + runs[r], runs[r + 1] - runs[r], r == 0,
+                              pc.begin(c), pc.end(c));
+      done[c].store(r + 1, std::memory_order_release);
     });
     return;
   }
-  // Fixed number of groups (independent of scheduling); the result of d_table does not depend on
-  // it at all, d_positions (fused case) depends only on it.
-  const int64_t units = N * a.grid->num_levels;
-  const int num_groups = static_cast<int>(std::min<int64_t>(CpuNumThreads(), units));
+  const int64_t units = N * L;
   if (!a.d_positions) {
-    pool.Run(num_groups, [&](int64_t t) {
-      TableGradTask<D, kF>(a, static_cast<int>(t), num_groups, nullptr);
+    // One task per (field, level) unit; which thread runs it does not matter (one writer per row,
+    // points in order). Biggest levels first, so the last tasks to run are the short ones.
+    std::vector<int64_t> order(units);
+    for (int64_t u = 0; u < units; ++u) order[u] = u;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      return g.levels[x % L].size > g.levels[y % L].size;
+    });
+    ParallelFor(units, [&](int64_t t) {
+      const int l = static_cast<int>(order[t] % L);
+      TableGradTask<D, kF>(a, order[t] / L, &l, 1, nullptr);
     });
     return;
   }
-  // Fused: group 0 writes its partial straight into d_positions, the others into scratch.
-  std::unique_ptr<float[]> scratch;
+  // Fused: a fixed number of groups (independent of scheduling); group gi owns the units
+  // u = n * L + l with u % num_groups == gi and adds their d_positions shares, levels in order, to
+  // its partial sum. Group 0's partial is d_positions itself, the others' are added in group order.
+  const int num_groups = static_cast<int>(std::min<int64_t>(CpuNumThreads(), units));
   const int64_t per = total * D;
+  std::unique_ptr<float[]> scratch;
   if (num_groups > 1) scratch.reset(new float[static_cast<size_t>(per) * (num_groups - 1)]);
-  pool.Run(num_groups, [&](int64_t t) {
+  ParallelFor(num_groups, [&](int64_t t) {
     float* partial = t == 0 ? a.d_positions : scratch.get() + (t - 1) * per;
-    TableGradTask<D, kF>(a, static_cast<int>(t), num_groups, partial);
+    std::fill(partial, partial + per, 0.0f);
+    std::vector<int> levels;
+    for (int64_t n_field = 0; n_field < N; ++n_field) {
+      levels.clear();
+      for (int l = 0; l < L; ++l)
+        if ((n_field * L + l) % num_groups == t) levels.push_back(l);
+      const std::vector<int> runs = SplitRuns(g, levels.data(), static_cast<int>(levels.size()));
+      for (size_t r = 0; r + 1 < runs.size(); ++r) {
+        TableGradTask<D, kF>(a, n_field, levels.data() + runs[r], runs[r + 1] - runs[r],
+                             partial + n_field * a.num_points * D);
+      }
+    }
   });
   if (num_groups > 1) {
     const int64_t chunk = kPointChunk * D;
-    pool.Run((per + chunk - 1) / chunk, [&](int64_t t) {
+    ParallelFor((per + chunk - 1) / chunk, [&](int64_t t) {
       const int64_t lo = t * chunk, hi = std::min(per, lo + chunk);
       for (int gi = 1; gi < num_groups; ++gi) {
         const float* src = scratch.get() + (gi - 1) * per;
@@ -562,21 +591,6 @@ struct BackwardOp {
 
 // ---------------------------------------------------------------------------------------------
 
-int CpuNumThreads() {
-  static const int n = [] {
-    if (const char* env = std::getenv("NGP_KERNELS_NUM_THREADS")) {
-      const int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-      const int c = CPU_COUNT(&set);
-      if (c > 0) return c;
-    }
-    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }();
-  return n;
-}
 
 std::string MakeGrid(int num_dims, int features, int64_t num_entries, int num_levels,
                      const float* scales, const int64_t* resolutions, const int64_t* sizes,

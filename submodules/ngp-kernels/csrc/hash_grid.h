@@ -14,6 +14,7 @@
 #include <string>
 
 #include "grid_common.h"
+#include "thread_pool.h"
 
 namespace ngp_kernels {
 
@@ -23,9 +24,6 @@ std::string MakeGrid(int num_dims, int features, int64_t num_entries, int num_le
                      const float* scales, const int64_t* resolutions, const int64_t* sizes,
                      const int64_t* offsets, const int32_t* dense, Grid* grid);
 
-// Number of worker threads the CPU kernels partition over (caller included). Fixed per process:
-// NGP_KERNELS_NUM_THREADS if set, else the CPUs available to this process.
-int CpuNumThreads();
 
 // out = encode(table, positions). Points are split among threads; every output written once.
 void HashGridForwardCpu(const Grid& grid, const FieldBroadcast& fb, int64_t num_points,

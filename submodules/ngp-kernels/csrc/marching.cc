@@ -9,85 +9,11 @@
 #include <thread>
 #include <vector>
 
-#include "hash_grid.h"  // CpuNumThreads()
+#include "thread_pool.h"
 
 namespace ngp_kernels {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// A small persistent thread pool, the same design as the hash-grid one (hash_grid.cc): Run calls
-// fn(t) for every t in [0, num_tasks) on the calling thread plus (size - 1) workers claiming tasks
-// from an atomic counter; one Run at a time. Every task writes its own outputs, so which thread
-// runs a task never changes a result.
-class Pool {
- public:
-  explicit Pool(int size) : size_(std::max(1, size)) {
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { Loop(); });
-  }
-
-  void Run(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
-    if (num_tasks <= 0) return;
-    if (size_ == 1 || num_tasks == 1) {
-      for (int64_t t = 0; t < num_tasks; ++t) fn(t);
-      return;
-    }
-    std::lock_guard<std::mutex> busy(run_mu_);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      fn_ = &fn;
-      num_tasks_ = num_tasks;
-      next_.store(0, std::memory_order_relaxed);
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
-    }
-    wake_.notify_all();
-    Work();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return active_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void Work() {
-    for (;;) {
-      const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-      if (t >= num_tasks_) return;
-      (*fn_)(t);
-    }
-  }
-
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-      }
-      Work();
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--active_ == 0) done_.notify_one();
-      }
-    }
-  }
-
-  const int size_;
-  std::vector<std::thread> workers_;
-  std::mutex run_mu_;
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t num_tasks_ = 0;
-  std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-};
-
-Pool& GetPool() {
-  static Pool* pool = new Pool(CpuNumThreads());  // leaked on purpose: no join at exit
-  return *pool;
-}
 
 constexpr int64_t kRaysPerTask = 32;
 constexpr int64_t kSlotsPerTask = 16384;
@@ -119,10 +45,6 @@ struct WriteEmit {
 
 }  // namespace
 
-void VolumeParallelFor(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
-  GetPool().Run(num_tasks, fn);
-}
-
 void MarchRaysCpu(const MarchParams& pm, const float* origins, const float* directions,
                   const uint8_t* bitfield, const float* aabb, const MarchOutputs& out) {
   const int64_t R = pm.num_rays, S = pm.max_samples;
@@ -133,12 +55,12 @@ void MarchRaysCpu(const MarchParams& pm, const float* origins, const float* dire
   const int32_t Gc = box.coarse_G;
   std::vector<uint8_t> coarse_grid(static_cast<size_t>(Gc) * Gc * Gc);
   uint8_t* coarse = coarse_grid.data();
-  VolumeParallelFor(R > 0 ? Gc : 0, [&](int64_t bz) {
+  ParallelFor(R > 0 ? Gc : 0, [&](int64_t bz) {
     vol::BuildCoarseSlab(bitfield, pm.grid_resolution, static_cast<int32_t>(bz), coarse);
   });
 
   // 1. Count pass.
-  VolumeParallelFor(ray_tasks, [&](int64_t task) {
+  ParallelFor(ray_tasks, [&](int64_t task) {
     const int64_t r1 = std::min(R, (task + 1) * kRaysPerTask);
     CountEmit emit;
     for (int64_t r = task * kRaysPerTask; r < r1; ++r) {
@@ -160,7 +82,7 @@ void MarchRaysCpu(const MarchParams& pm, const float* origins, const float* dire
   const int64_t used = std::min(total, S);
 
   // 3. Write pass: only rays that start inside the budget.
-  VolumeParallelFor(ray_tasks, [&](int64_t task) {
+  ParallelFor(ray_tasks, [&](int64_t task) {
     const int64_t r1 = std::min(R, (task + 1) * kRaysPerTask);
     for (int64_t r = task * kRaysPerTask; r < r1; ++r) {
       if (offsets[r] >= S || out.ray_counts[r] == 0) continue;
@@ -175,7 +97,7 @@ void MarchRaysCpu(const MarchParams& pm, const float* origins, const float* dire
   const int64_t pad = S - used;
   const int64_t pad_tasks = (pad + kSlotsPerTask - 1) / kSlotsPerTask;
   const int32_t fill_index = static_cast<int32_t>(R);
-  VolumeParallelFor(pad_tasks, [&](int64_t task) {
+  ParallelFor(pad_tasks, [&](int64_t task) {
     const int64_t s0 = used + task * kSlotsPerTask, s1 = std::min(S, s0 + kSlotsPerTask);
     const size_t n = static_cast<size_t>(s1 - s0);
     std::memset(out.positions + 3 * s0, 0, 3 * n * sizeof(float));

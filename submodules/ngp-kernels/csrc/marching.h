@@ -286,9 +286,6 @@ NGP_VOL_HD int64_t MarchRay(const Ray& r, const Box& box, const uint8_t* bitfiel
 
 }  // namespace vol
 
-// Runs fn(t) for t in [0, num_tasks) on the volume kernels' persistent thread pool
-// (CpuNumThreads() threads, the caller included; one Run at a time).
-void VolumeParallelFor(int64_t num_tasks, const std::function<void(int64_t)>& fn);
 
 // CPU: coarse grid (parallel over z slabs), count pass per ray (parallel), exclusive scan over
 // rays, write pass (parallel), padding.
