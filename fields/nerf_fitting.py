@@ -43,6 +43,7 @@ class NeRFFitConfig:
         learning_rate, adam_beta1, adam_beta2, adam_eps: Adam (Instant-NGP: 1e-2, 0.9, 0.99, 1e-15).
         final_learning_rate_fraction: the cosine schedule ends at this fraction of the peak.
         random_background: composite RGBA targets over random colours while training.
+        pixel_jitter: cast each training ray through a random point of its pixel (else the centre).
         seed, backend, log_every: as for image fields.
     """
 
@@ -59,6 +60,7 @@ class NeRFFitConfig:
     adam_beta2: float = 0.99
     adam_eps: float = 1e-15
     random_background: bool = True
+    pixel_jitter: bool = True
     seed: int = 0
     backend: str = "auto"
     log_every: int = 16
@@ -104,20 +106,22 @@ PRESETS: dict[str, NeRFFitConfig] = {
 
 
 def pixel_rays(camera_to_world: jax.Array, intrinsics: jax.Array, image_index: jax.Array, cols: jax.Array,
-               rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rays through pixel centres (OpenGL cameras: look down -z, +y up).
+               rows: jax.Array, offsets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Rays through pixels (OpenGL cameras: look down -z, +y up).
 
     Args:
         camera_to_world: ``[num_images, 4, 4]``; intrinsics: ``[num_images, 4]`` (fx, fy, cx, cy).
         image_index, cols, rows: ``[R]`` int32.
+        offsets: ``[R, 2]`` position inside the pixel in [0, 1)^2 (x, y); default the centre.
 
     Returns:
         origins ``[R, 3]`` and unit directions ``[R, 3]``.
     """
     pose = camera_to_world[image_index]  # [R, 4, 4]
     fx, fy, cx, cy = (intrinsics[image_index, k] for k in range(4))
+    offset_x, offset_y = (0.5, 0.5) if offsets is None else (offsets[:, 0], offsets[:, 1])
     camera_dirs = jnp.stack(
-        [(cols.astype(jnp.float32) + 0.5 - cx) / fx, -(rows.astype(jnp.float32) + 0.5 - cy) / fy,
+        [(cols.astype(jnp.float32) + offset_x - cx) / fx, -(rows.astype(jnp.float32) + offset_y - cy) / fy,
          -jnp.ones_like(fx)], axis=-1)
     directions = jnp.einsum("rij,rj->ri", pose[:, :3, :3], camera_dirs)
     directions = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
@@ -178,12 +182,16 @@ def make_train_chunk(model: NeRFField, optimizer: optax.GradientTransformation, 
             state, loss_sum, complete_sum = carry
             step = first_step + offset
             step_key = jax.random.fold_in(key, step)
-            key_pixels, key_background, key_grid = jax.random.split(step_key, 3)
+            key_pixels, key_background, key_grid, key_jitter = jax.random.split(step_key, 4)
             flat = jax.random.randint(key_pixels, (config.num_rays,), 0, num_images * height * width)
             image_index = flat // (height * width)
             pixel = flat - image_index * height * width
             rows, cols = pixel // width, pixel % width
-            origins, directions = pixel_rays(data["camera_to_world"], data["intrinsics"], image_index, cols, rows)
+            # A random point inside the pixel (as Instant-NGP): pixel values are area averages
+            # (anti-aliased renders, camera sensors), which centre rays alone cannot match at edges.
+            jitter = jax.random.uniform(key_jitter, (config.num_rays, 2)) if config.pixel_jitter else None
+            origins, directions = pixel_rays(data["camera_to_world"], data["intrinsics"], image_index, cols, rows,
+                                             jitter)
             target = images[image_index, rows, cols]
             if config.random_background:
                 background = jax.random.uniform(key_background, (config.num_rays, 3))
@@ -275,26 +283,22 @@ def scene_arrays(scene) -> dict[str, jax.Array]:
             "intrinsics": jnp.asarray(scene.intrinsics)}
 
 
-@dataclasses.dataclass
 class Trainer:
-    """Runs training chunks and keeps the step count (the state lives in ``self.state``)."""
+    """Runs training chunks on device and keeps the step count; the state lives in ``self.state``.
 
-    config: NeRFFitConfig
-    model: NeRFField
-    data: dict
-    state: dict
-    step: int = 0
-    train_seconds: float = 0.0
+    ``self.state`` is ``{"params", "opt_state", "grid"}``; ``self.data`` the scene's device arrays.
+    """
 
-    @classmethod
-    def create(cls, config: NeRFFitConfig, scene) -> Trainer:
-        model = NeRFField(config.field, backend=config.backend)
+    def __init__(self, config: NeRFFitConfig, scene):
+        self.config = config
+        self.model = NeRFField(config.field, backend=config.backend)
         optimizer = make_optimizer(config)
-        trainer = cls(config, model, scene_arrays(scene), initial_state(config, model, optimizer))
-        trainer._optimizer = optimizer
-        trainer._chunk = make_train_chunk(model, optimizer, config)
-        trainer._key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-        return trainer
+        self.data = scene_arrays(scene)
+        self.state = initial_state(config, self.model, optimizer)
+        self.step = 0
+        self.train_seconds = 0.0
+        self._chunk = make_train_chunk(self.model, optimizer, config)
+        self._key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
 
     def compile(self) -> float:
         """Compiles the training chunk; returns seconds."""

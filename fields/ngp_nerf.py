@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(config_to_json(config))
 
-    trainer = Trainer.create(config, train_scene)
+    trainer = Trainer(config, train_scene)
     train(trainer, args.workdir, args.quiet, args.checkpoint_every)
     save_nerf(os.path.join(args.workdir, "field.safetensors"), trainer)
     render = make_view_renderer(trainer.model, config)

@@ -109,9 +109,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(scene, tmp_p
 
     config = dataclasses.replace(PRESETS["tiny"], steps=32, scene_bound=1.0)
     train_scene = load_scene(scene, "train")
-    ngp_nerf.train(Trainer.create(config, train_scene), str(tmp_path), quiet=True, checkpoint_every=16)
+    ngp_nerf.train(Trainer(config, train_scene), str(tmp_path), quiet=True, checkpoint_every=16)
     train_scene.images = np.full_like(train_scene.images, np.nan)  # poisoned data: the loss turns NaN
-    poisoned = Trainer.create(dataclasses.replace(config, steps=64), train_scene)
+    poisoned = Trainer(dataclasses.replace(config, steps=64), train_scene)
     with pytest.raises(UserError, match=r"loss became nan in steps 32\.\.48; the checkpoint at step 32 is kept"):
         ngp_nerf.train(poisoned, str(tmp_path), quiet=True, checkpoint_every=16)
     manager = Checkpointer(str(tmp_path / "checkpoints"))
