@@ -1,9 +1,11 @@
-"""Fit an Instant-NGP field to one image, render fields, and the presets for doing so.
+"""Fit image fields (Instant-NGP, SIREN, Fourier features), one or many at once; render them.
 
 The training loop runs entirely on device: each call of the compiled ``train_chunk`` performs a
-``fori_loop`` of steps (uniform random pixel sampling with replacement, forward, backward, Adam),
-and the host only reads one averaged loss per chunk for the progress bar. The random key of step
-``s`` is ``fold_in(seed_key, s)``, so results do not depend on how steps are split into chunks.
+``fori_loop`` of steps (uniform random pixel sampling with replacement, or every pixel when the
+batch covers the image; forward, backward, Adam), and the host only reads one averaged loss per
+chunk for the progress bar. The random key of step ``s`` is ``fold_in(seed_key, s)``, so results
+do not depend on how steps are split into chunks. ``fit_image_batch`` runs the same step under
+``jax.vmap`` over a leading field axis: many fields, one compiled call, each field its own seed.
 """
 
 from __future__ import annotations
@@ -26,21 +28,23 @@ from fields.cli import UserError
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
 from fields.data.images import save_image
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
-from fields.models.ngp import NGPField, NGPFieldConfig
+from fields.models.ngp import NGPFieldConfig
+from fields.models.siren import MLPFieldConfig
 from fields.weights import load_field, save_field
 
-FIELD_KIND = "ngp_image"
 RENDER_CHUNK = 1 << 16
+# Saved field kinds and the config classes that rebuild them.
+FIELD_CONFIGS = {"ngp_image": NGPFieldConfig, "siren_image": MLPFieldConfig, "fourier_image": MLPFieldConfig}
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageFitConfig:
-    """How to fit an image field.
+class ImageTrainingConfig:
+    """How to train an image field (the architecture is the subclass's ``field``).
 
     Attributes:
-        field: the field architecture (``output_dim`` is set from the image's channels).
         steps: optimisation steps.
-        batch_size: pixels sampled (uniformly, with replacement) per step.
+        batch_size: pixels sampled (uniformly, with replacement) per step; a batch of at least
+            the image's pixel count uses every pixel once per step instead.
         learning_rate: Adam peak learning rate.
         final_learning_rate_fraction: the cosine schedule decays to this fraction of the peak.
         adam_beta1, adam_beta2, adam_eps: Adam hyper-parameters (Instant-NGP: 0.9, 0.99, 1e-15).
@@ -49,7 +53,6 @@ class ImageFitConfig:
         log_every: steps per on-device chunk (one host read of the loss per chunk).
     """
 
-    field: NGPFieldConfig = dataclasses.field(default_factory=NGPFieldConfig)
     steps: int = 2000
     batch_size: int = 1 << 14
     learning_rate: float = 1e-2
@@ -74,6 +77,20 @@ class ImageFitConfig:
             raise ValueError(f"log_every must be > 0, got {self.log_every}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageFitConfig(ImageTrainingConfig):
+    """Fitting an Instant-NGP image field (``field.output_dim`` is set from the image's channels)."""
+
+    field: NGPFieldConfig = dataclasses.field(default_factory=NGPFieldConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPImageFitConfig(ImageTrainingConfig):
+    """Fitting a SIREN or Fourier-feature image field."""
+
+    field: MLPFieldConfig = dataclasses.field(default_factory=MLPFieldConfig)
+
+
 def _preset(levels, log2_table, min_res, max_res, width, layers, batch_log2, steps) -> ImageFitConfig:
     grid = HashGridConfig(
         num_dims=2,
@@ -91,6 +108,11 @@ PRESETS: dict[str, ImageFitConfig] = {
     # Test-sized: a 32x32 image in a few seconds.
     #   python -m fields.ngp_image --image skimage:astronaut --preset tiny
     "tiny": _preset(levels=4, log2_table=10, min_res=4, max_res=64, width=16, layers=1, batch_log2=10, steps=100),
+    # For dataset encoding of ~28x28 images (Fashion-MNIST size): ~1.6k parameters, full-batch steps.
+    #   python -m fields.encode_dataset --source procedural:primitives --num 1024 --out data/fields/primitives
+    "small": dataclasses.replace(
+        _preset(levels=4, log2_table=8, min_res=4, max_res=28, width=16, layers=2, batch_log2=10, steps=400),
+        log_every=100),
     # The demo: skimage:astronaut (512x512) to about 37.5 dB in about 5 s of training on 2 CPU cores.
     #   python -m fields.ngp_image --image skimage:astronaut --workdir runs/astronaut
     "default": _preset(levels=8, log2_table=14, min_res=32, max_res=1024, width=32, layers=2, batch_log2=14,
@@ -100,6 +122,33 @@ PRESETS: dict[str, ImageFitConfig] = {
     #   python -m scripts.bench_ngp_image
     "large": _preset(levels=8, log2_table=14, min_res=64, max_res=2048, width=64, layers=2, batch_log2=15,
                      steps=2000),
+}
+
+
+def _mlp_preset(kind, width, layers, batch_log2, steps, learning_rate, **field) -> MLPImageFitConfig:
+    return MLPImageFitConfig(field=MLPFieldConfig(kind=kind, hidden_width=width, num_hidden_layers=layers, **field),
+                             batch_size=1 << batch_log2, steps=steps, learning_rate=learning_rate,
+                             adam_beta2=0.999, adam_eps=1e-8)
+
+
+# Plain-MLP fields (python -m fields.mlp_image --model siren|fourier --preset NAME).
+MLP_PRESETS: dict[str, dict[str, MLPImageFitConfig]] = {
+    "siren": {
+        "small": _mlp_preset("siren", width=24, layers=2, batch_log2=10, steps=400, learning_rate=1e-3),
+        "tiny": _mlp_preset("siren", width=16, layers=2, batch_log2=10, steps=100, learning_rate=1e-3),
+        "default": _mlp_preset("siren", width=64, layers=3, batch_log2=14, steps=2000, learning_rate=5e-4),
+        "large": _mlp_preset("siren", width=256, layers=3, batch_log2=15, steps=3000, learning_rate=1e-4),
+    },
+    "fourier": {
+        "small": _mlp_preset("fourier", width=32, layers=2, batch_log2=10, steps=400, learning_rate=5e-3,
+                             num_features=16),
+        "tiny": _mlp_preset("fourier", width=16, layers=2, batch_log2=10, steps=100, learning_rate=1e-2,
+                            num_features=16),
+        "default": _mlp_preset("fourier", width=64, layers=3, batch_log2=14, steps=2000, learning_rate=2e-3,
+                               num_features=64),
+        "large": _mlp_preset("fourier", width=256, layers=3, batch_log2=15, steps=3000, learning_rate=1e-3,
+                             num_features=256),
+    },
 }
 
 
@@ -128,7 +177,7 @@ def _pixel_positions(indices: jax.Array, height: int, width: int) -> jax.Array:
     return jnp.stack([x, y], axis=-1)
 
 
-def make_optimizer(config: ImageFitConfig) -> optax.GradientTransformation:
+def make_optimizer(config: ImageTrainingConfig) -> optax.GradientTransformation:
     schedule = optax.cosine_decay_schedule(
         config.learning_rate, config.steps, alpha=config.final_learning_rate_fraction
     )
@@ -143,22 +192,29 @@ def optimizer_step(optimizer: optax.GradientTransformation, grads, opt_state, pa
         return optax.apply_updates(params, updates), opt_state
 
 
-def make_train_chunk(model: NGPField, optimizer: optax.GradientTransformation, batch_size: int):
-    """Returns ``train_chunk(params, opt_state, pixels, key, first_step, num_steps)``.
+def train_chunk_function(model, optimizer: optax.GradientTransformation, batch_size: int, height: int,
+                         width: int) -> Callable:
+    """``train_chunk(params, opt_state, pixels, key, first_step, num_steps) -> (params, opt_state, mean_loss)``
+    for one field (not jitted: ``make_train_chunk`` jits it, ``fit_image_batch`` vmaps it first).
 
-    ``pixels`` is the image ``[height * width, channels]``; the function runs ``num_steps`` steps
-    on device and returns ``(params, opt_state, mean_loss)``. ``height`` and ``width`` are static.
+    ``pixels`` is the image ``[height * width, channels]``; ``model.apply`` maps positions
+    ``[n, 2]`` to ``[n, channels]``.
     """
+    num_pixels = height * width
+    full_batch = batch_size >= num_pixels
 
     def loss_fn(params, positions, targets):
         predictions = model.apply({"params": params}, positions)
         return jnp.mean(jnp.square(predictions - targets))
 
-    def train_chunk(params, opt_state, pixels, key, first_step, num_steps, *, height, width):
+    def train_chunk(params, opt_state, pixels, key, first_step, num_steps):
         def body(offset, state):
             params, opt_state, loss_sum = state
-            step_key = jax.random.fold_in(key, first_step + offset)
-            indices = jax.random.randint(step_key, (batch_size,), 0, height * width)
+            if full_batch:
+                indices = jnp.arange(num_pixels, dtype=jnp.int32)
+            else:
+                step_key = jax.random.fold_in(key, first_step + offset)
+                indices = jax.random.randint(step_key, (batch_size,), 0, num_pixels)
             positions = _pixel_positions(indices, height, width)
             targets = jnp.take(pixels, indices, axis=0)
             loss, grads = jax.value_and_grad(loss_fn)(params, positions, targets)
@@ -170,12 +226,18 @@ def make_train_chunk(model: NGPField, optimizer: optax.GradientTransformation, b
         )
         return params, opt_state, loss_sum / num_steps.astype(jnp.float32)
 
-    return jax.jit(train_chunk, static_argnames=("height", "width"), donate_argnums=(0, 1))
+    return train_chunk
 
 
-def make_renderer(field_config: NGPFieldConfig, backend: str = "auto") -> Callable:
-    """Returns ``render(params, height, width) -> [height, width, channels]`` numpy in [0, 1]."""
-    model = NGPField(field_config, backend=backend)
+def make_train_chunk(model, optimizer: optax.GradientTransformation, batch_size: int, height: int, width: int):
+    """The jitted single-field ``train_chunk`` (params and optimizer state donated)."""
+    return jax.jit(train_chunk_function(model, optimizer, batch_size, height, width), donate_argnums=(0, 1))
+
+
+def make_renderer(field_config, backend: str = "auto") -> Callable:
+    """Returns ``render(params, height, width) -> [height, width, channels]`` numpy in [0, 1]
+    for any image field config (``NGPFieldConfig``, ``MLPFieldConfig``)."""
+    model = field_config.build(backend)
 
     @jax.jit
     def apply_chunk(params, positions):
@@ -189,14 +251,14 @@ def make_renderer(field_config: NGPFieldConfig, backend: str = "auto") -> Callab
             indices = jnp.minimum(indices, total - 1)  # pad the last chunk to keep one compiled shape
             outputs.append(apply_chunk(params, _pixel_positions(indices, height, width)))
         flat = np.concatenate([np.asarray(chunk) for chunk in outputs])[:total]
-        return flat.reshape(height, width, field_config.output_dim)
+        return np.clip(flat.reshape(height, width, field_config.output_dim), 0.0, 1.0)
 
     return render
 
 
 def fit_image(
     image: np.ndarray,
-    config: ImageFitConfig,
+    config: ImageTrainingConfig,
     eval_at_steps: Sequence[int] = (),
     progress: bool = True,
 ) -> FitResult:
@@ -211,7 +273,7 @@ def fit_image(
     backend = config.backend
     if backend == "kernel" and not kernels_available():
         raise UserError("backend 'kernel' asked for, but the ngp_kernels package is not installed")
-    model = NGPField(field_config, backend=backend)
+    model = field_config.build(backend)
     optimizer = make_optimizer(config)
     key = jax.random.PRNGKey(config.seed)
     init_key, sample_key = jax.random.split(key)
@@ -221,11 +283,9 @@ def fit_image(
     pixels = jnp.asarray(image.reshape(height * width, channels), jnp.float32)
     render = make_renderer(field_config, backend)
 
-    train_chunk = make_train_chunk(model, optimizer, config.batch_size)
+    train_chunk = make_train_chunk(model, optimizer, config.batch_size, height, width)
     compile_start = time.perf_counter()
-    compiled = train_chunk.lower(
-        params, opt_state, pixels, sample_key, jnp.int32(0), jnp.int32(1), height=height, width=width
-    ).compile()
+    compiled = train_chunk.lower(params, opt_state, pixels, sample_key, jnp.int32(0), jnp.int32(1)).compile()
     compile_seconds = time.perf_counter() - compile_start
 
     boundaries = sorted({step for step in eval_at_steps if 0 < step < config.steps} | {config.steps})
@@ -270,7 +330,87 @@ def fit_image(
     return FitResult(params, field_config, result_metrics, psnr_history)
 
 
-def save_fit(workdir: str, result: FitResult, config: ImageFitConfig, source: str) -> dict[str, str]:
+@dataclasses.dataclass
+class BatchFitResult:
+    """What ``fit_image_batch`` returns.
+
+    Attributes:
+        params: the fields' params, every leaf with a leading field axis ``[N, ...]`` (numpy).
+        field_config: the shared architecture.
+        psnr: ``[N]`` full-render PSNR of each field against its image.
+        final_loss: ``[N]`` each field's mean training loss over the last chunk.
+        train_seconds, compile_seconds: wall-clock totals for the batch.
+    """
+
+    params: dict
+    field_config: object
+    psnr: np.ndarray
+    final_loss: np.ndarray
+    train_seconds: float
+    compile_seconds: float
+
+
+def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequence[int]) -> BatchFitResult:
+    """Fits one field per image, all at once: the single-field step under ``jax.vmap``.
+
+    Field ``i`` is initialised and sampled exactly as ``fit_image(images[i], replace(config,
+    seed=seeds[i]))`` would (same keys), so batched and one-at-a-time fits agree up to float
+    rounding.
+
+    Args:
+        images: ``[N, height, width, channels]`` floats in [0, 1].
+        seeds: ``[N]`` per-field seeds.
+    """
+    num_fields, height, width, channels = images.shape
+    if len(seeds) != num_fields:
+        raise ValueError(f"need one seed per image: {num_fields} images, {len(seeds)} seeds")
+    field_config = dataclasses.replace(config.field, output_dim=channels)
+    model = field_config.build(config.backend)
+    optimizer = make_optimizer(config)
+    keys = jax.vmap(lambda seed: jnp.stack(jax.random.split(jax.random.PRNGKey(seed))))(
+        jnp.asarray(seeds, jnp.uint32))
+    init_keys, sample_keys = keys[:, 0], keys[:, 1]
+    dummy = jnp.zeros((1, 2), jnp.float32)
+    params = jax.jit(jax.vmap(lambda key: model.init(key, dummy)["params"]))(init_keys)
+    opt_state = jax.jit(jax.vmap(optimizer.init))(params)
+    pixels = jnp.asarray(images.reshape(num_fields, height * width, channels), jnp.float32)
+
+    single = train_chunk_function(model, optimizer, config.batch_size, height, width)
+    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    compile_start = time.perf_counter()
+    compiled = batched.lower(params, opt_state, pixels, sample_keys, jnp.int32(0), jnp.int32(1)).compile()
+    compile_seconds = time.perf_counter() - compile_start
+
+    train_seconds, step = 0.0, 0
+    losses = np.zeros(num_fields, np.float32)
+    while step < config.steps:
+        num_steps = min(config.log_every, config.steps - step)
+        start = time.perf_counter()
+        params, opt_state, chunk_losses = compiled(params, opt_state, pixels, sample_keys, jnp.int32(step),
+                                                   jnp.int32(num_steps))
+        losses = np.asarray(chunk_losses)
+        train_seconds += time.perf_counter() - start
+        step += num_steps
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if len(bad):
+        raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch")
+
+    renders = render_batch(params, field_config, height, width, config.backend)
+    errors = np.mean(np.square(renders.astype(np.float64) - images.astype(np.float64)), axis=(1, 2, 3))
+    psnrs = np.asarray([metrics.mse_to_psnr(error) for error in errors], np.float32)
+    params = jax.tree_util.tree_map(np.asarray, params)
+    return BatchFitResult(params, field_config, psnrs, losses, train_seconds, compile_seconds)
+
+
+def render_batch(params, field_config, height: int, width: int, backend: str = "auto") -> np.ndarray:
+    """Renders fields with a leading axis: params leaves ``[N, ...]`` -> ``[N, height, width, channels]``."""
+    model = field_config.build(backend)
+    positions = _pixel_positions(jnp.arange(height * width, dtype=jnp.int32), height, width)
+    outputs = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, positions)))(params)
+    return np.clip(np.asarray(outputs), 0.0, 1.0).reshape(-1, height, width, field_config.output_dim)
+
+
+def save_fit(workdir: str, result: FitResult, config: ImageTrainingConfig, source: str) -> dict[str, str]:
     """Writes ``render.png``, ``field.safetensors``, ``metrics.json`` and ``config.json``."""
     paths = {name: os.path.join(workdir, name) for name in ("render.png", "field.safetensors", "metrics.json")}
     height, width = result.metrics["height"], result.metrics["width"]
@@ -279,7 +419,7 @@ def save_fit(workdir: str, result: FitResult, config: ImageFitConfig, source: st
     save_field(
         paths["field.safetensors"],
         result.params,
-        FIELD_KIND,
+        result.field_config.field_kind,
         config_to_dict(result.field_config),
         image_height=height,
         image_width=width,
@@ -290,19 +430,22 @@ def save_fit(workdir: str, result: FitResult, config: ImageFitConfig, source: st
     return paths
 
 
-def run_config_dict(config: ImageFitConfig, source: str) -> dict:
+def run_config_dict(config: ImageTrainingConfig, source: str) -> dict:
     """The resolved run configuration saved as ``config.json``."""
-    return {"image": source, "fit": config_to_dict(config)}
+    return {"image": source, "model": config.field.field_kind, "fit": config_to_dict(config)}
 
 
-def write_run_config(workdir: str, config: ImageFitConfig, source: str) -> None:
+def write_run_config(workdir: str, run_config: dict) -> None:
     with open(os.path.join(workdir, "config.json"), "w") as handle:
-        json.dump(run_config_dict(config, source), handle, indent=2, sort_keys=True)
+        json.dump(run_config, handle, indent=2, sort_keys=True)
 
 
-def field_config_from_dict(values: dict, where: str) -> NGPFieldConfig:
+def field_config_from_dict(kind: str, values: dict, where: str):
+    """Rebuilds a saved image field's config from its kind (``ngp_image``, ``siren_image``, ...)."""
+    if kind not in FIELD_CONFIGS:
+        raise UserError(f"{where}: not an image field (kind {kind!r}; expected one of {', '.join(FIELD_CONFIGS)})")
     try:
-        return config_from_dict(NGPFieldConfig, values, where)
+        return config_from_dict(FIELD_CONFIGS[kind], values, where)
     except ConfigError as error:
         raise UserError(str(error)) from None
 
@@ -313,14 +456,14 @@ def render_saved_field(path: str, width: int | None, height: int | None, backend
     Returns:
         ``[height, width, channels]`` floats in [0, 1]; size defaults to the fitted image's.
     """
-    params, field_dict, extra = load_field(path, kind=FIELD_KIND)
-    field_config = field_config_from_dict(field_dict, f"{path}: field_config")
+    params, field_dict, extra = load_field(path)
+    field_config = field_config_from_dict(extra.get("kind", ""), field_dict, f"{path}: field_config")
     height = height or int(extra.get("image_height", 0))
     width = width or int(extra.get("image_width", 0))
     if height <= 0 or width <= 0:
         raise UserError(f"render size must be positive; give --width and --height (got {width}x{height})")
     expected = jax.eval_shape(
-        lambda: NGPField(field_config, backend="jax").init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.float32))
+        lambda: field_config.build("jax").init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.float32))
     )["params"]
     expected_shapes = jax.tree_util.tree_map(lambda leaf: tuple(leaf.shape), expected)
     found_shapes = jax.tree_util.tree_map(np.shape, params)
@@ -330,5 +473,5 @@ def render_saved_field(path: str, width: int | None, height: int | None, backend
     return render(jax.tree_util.tree_map(jnp.asarray, params), height, width)
 
 
-def describe(config: ImageFitConfig) -> str:
+def describe(config: ImageTrainingConfig) -> str:
     return config_to_json(config)

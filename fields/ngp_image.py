@@ -1,4 +1,4 @@
-"""Fit an Instant-NGP image field, or render a saved one.
+"""Fit an Instant-NGP image field (hash grid + MLP), or render a saved one.
 
 Fit:     python -m fields.ngp_image --image skimage:astronaut --preset default --workdir runs/astronaut
 Render:  python -m fields.ngp_image --render runs/astronaut/field.safetensors --width 1024 --height 1024 \
@@ -12,149 +12,15 @@ reports its metrics instead of fitting again (``--overwrite`` refits).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-
-from fields.cli import ArgumentParser, UserError, run_main
-from fields.image_fitting import (
-    PRESETS,
-    describe,
-    fit_image,
-    preset,
-    render_saved_field,
-    run_config_dict,
-    save_fit,
-    write_run_config,
-)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m fields.ngp_image",
-        description="Fit an Instant-NGP (hash grid + MLP) field to one image, or render a saved field.",
-    )
-    fit = parser.add_argument_group("fitting")
-    fit.add_argument("--image", help="PNG/JPEG path (grey, RGB or RGBA), or skimage:NAME (e.g. skimage:astronaut)")
-    fit.add_argument(
-        "--preset", default="default", help=f"configuration preset: {', '.join(PRESETS)} (default: default)"
-    )
-    fit.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
-    fit.add_argument("--batch-size", type=int, help="pixels per step (default: the preset's)")
-    fit.add_argument("--learning-rate", type=float, help="Adam peak learning rate (default: the preset's)")
-    fit.add_argument("--seed", type=int, default=0, help="init and sampling seed (default: 0)")
-    fit.add_argument("--workdir", default="runs/ngp_image", help="output directory (default: runs/ngp_image)")
-    fit.add_argument(
-        "--backend", choices=("auto", "kernel", "jax"), default="auto",
-        help="hash-grid backend: compiled kernels when installed (auto), kernel, or pure jax",
-    )
-    fit.add_argument("--overwrite", action="store_true", help="refit even if the work directory holds a finished fit")
-    fit.add_argument("--quiet", action="store_true", help="no progress bar")
-    render = parser.add_argument_group("rendering a saved field")
-    render.add_argument("--render", metavar="FIELD", help="a field.safetensors to render instead of fitting")
-    render.add_argument("--width", type=int, help="render width in pixels (default: the fitted image's)")
-    render.add_argument("--height", type=int, help="render height in pixels (default: the fitted image's)")
-    render.add_argument("--out", default="render.png", help="output image for --render (default: render.png)")
-    return parser
-
-
-def resolve_config(args):
-    config = preset(args.preset)
-    overrides = {"seed": args.seed, "backend": args.backend}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.learning_rate is not None:
-        overrides["learning_rate"] = args.learning_rate
-    try:
-        return dataclasses.replace(config, **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-
-
-def prepare_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise UserError(f"cannot write to workdir {workdir}: {error.strerror or error}") from None
-
-
-def finished_run(workdir: str, run_config: dict) -> dict | None:
-    """Metrics of a finished fit with the same configuration in ``workdir``, else None.
-
-    Raises:
-        UserError: the work directory holds a different configuration.
-    """
-    config_path = os.path.join(workdir, "config.json")
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if not os.path.exists(config_path):
-        return None
-    try:
-        with open(config_path) as handle:
-            saved = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if saved != json.loads(json.dumps(run_config)):
-        raise UserError(
-            f"{workdir} holds a fit with a different configuration; use another --workdir or --overwrite"
-        )
-    if not (os.path.exists(metrics_path) and os.path.exists(os.path.join(workdir, "field.safetensors"))):
-        return None
-    with open(metrics_path) as handle:
-        return json.load(handle)
+from fields import image_cli
+from fields.cli import run_main
+from fields.image_fitting import PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be > 0, got {value}")
-
-    if args.render:
-        from fields.data.images import save_image
-
-        image = render_saved_field(args.render, args.width, args.height, args.backend)
-        try:
-            save_image(args.out, image)
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot write {args.out}: {error}") from None
-        print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]})")
-        return 0
-
-    if not args.image:
-        raise UserError("give --image PATH (or skimage:NAME) to fit, or --render FIELD to render")
-    config = resolve_config(args)
-    prepare_workdir(args.workdir)
-    run_config = run_config_dict(config, args.image)
-    if args.overwrite:
-        done = None
-    else:
-        done = finished_run(args.workdir, run_config)
-    if done is not None:
-        print(f"{args.workdir} already holds this fit (--overwrite to refit): "
-              f"PSNR {done['psnr']:.2f} dB, SSIM {done['ssim']:.4f}")
-        return 0
-
-    from fields.data.images import load_image
-
-    image = load_image(args.image)
-    print(f"fitting {args.image} ({image.shape[1]}x{image.shape[0]}, {image.shape[2]} channels), "
-          f"preset {args.preset}:\n{describe(config)}")
-    write_run_config(args.workdir, config, args.image)
-    result = fit_image(image, config, progress=not args.quiet)
-    paths = save_fit(args.workdir, result, config, args.image)
-    m = result.metrics
-    print(
-        f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, {m['ms_per_step']:.1f} ms/step "
-        f"({m['backend']} backend), compile {m['compile_seconds']:.1f} s; wrote {', '.join(paths.values())}"
-    )
-    return 0
+    return image_cli.main(argv, "python -m fields.ngp_image",
+                          "Fit an Instant-NGP (hash grid + MLP) field to one image, or render a saved field.",
+                          {"": PRESETS})
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_flatten_round_trip_and_safetensors(tmp_path):
     path = tmp_path / "f.safetensors"
     save_field(str(path), params, "toy", {"width": 4}, note="hello")
     loaded, config, extra = load_field(str(path), kind="toy")
-    assert config == {"width": 4} and extra == {"note": "hello"}
+    assert config == {"width": 4} and extra == {"note": "hello", "kind": "toy"}
     for tree in (restored, loaded):
         np.testing.assert_array_equal(tree["mlp"]["dense_0"]["kernel"], params["mlp"]["dense_0"]["kernel"])
         np.testing.assert_array_equal(tree["hash_table"], params["hash_table"])

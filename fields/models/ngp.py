@@ -41,6 +41,13 @@ class NGPFieldConfig:
                 f"unknown output_activation {self.output_activation!r}; choose one of {sorted(OUTPUT_ACTIVATIONS)}"
             )
 
+    @property
+    def field_kind(self) -> str:
+        return "ngp_image"
+
+    def build(self, backend: str = "auto") -> nn.Module:
+        return NGPField(self, backend=backend)
+
 
 class NGPField(nn.Module):
     """Hash grid + MLP. Params: ``hash_table [num_entries, F]`` and ``mlp/dense_k/kernel``.
