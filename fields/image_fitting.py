@@ -30,6 +30,7 @@ from fields.data.images import save_image
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
 from fields.models.ngp import NGPFieldConfig
 from fields.models.siren import MLPFieldConfig
+from fields.training import TrainingConfig, make_optimizer, optimizer_step
 from fields.weights import load_field, save_field
 
 RENDER_CHUNK = 1 << 16
@@ -38,43 +39,24 @@ FIELD_CONFIGS = {"ngp_image": NGPFieldConfig, "siren_image": MLPFieldConfig, "fo
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageTrainingConfig:
+class ImageTrainingConfig(TrainingConfig):
     """How to train an image field (the architecture is the subclass's ``field``).
 
-    Attributes:
-        steps: optimisation steps.
+    Attributes (besides ``TrainingConfig``'s):
         batch_size: pixels sampled (uniformly, with replacement) per step; a batch of at least
             the image's pixel count uses every pixel once per step instead.
-        learning_rate: Adam peak learning rate.
-        final_learning_rate_fraction: the cosine schedule decays to this fraction of the peak.
-        adam_beta1, adam_beta2, adam_eps: Adam hyper-parameters (Instant-NGP: 0.9, 0.99, 1e-15).
-        seed: initialisation and sampling seed.
         backend: hash-grid backend, ``auto`` (compiled kernels when installed), ``kernel`` or ``jax``.
-        log_every: steps per on-device chunk (one host read of the loss per chunk).
     """
 
-    steps: int = 2000
     batch_size: int = 1 << 14
-    learning_rate: float = 1e-2
-    final_learning_rate_fraction: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_eps: float = 1e-15
-    seed: int = 0
     backend: str = "auto"
-    log_every: int = 50
 
     def __post_init__(self):
-        if self.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {self.steps}")
+        super().__post_init__()
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every must be > 0, got {self.log_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,21 +157,6 @@ def _pixel_positions(indices: jax.Array, height: int, width: int) -> jax.Array:
     x = (cols.astype(jnp.float32) + 0.5) / jnp.float32(width)
     y = (rows.astype(jnp.float32) + 0.5) / jnp.float32(height)
     return jnp.stack([x, y], axis=-1)
-
-
-def make_optimizer(config: ImageTrainingConfig) -> optax.GradientTransformation:
-    schedule = optax.cosine_decay_schedule(
-        config.learning_rate, config.steps, alpha=config.final_learning_rate_fraction
-    )
-    return optax.adam(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_eps)
-
-
-def optimizer_step(optimizer: optax.GradientTransformation, grads, opt_state, params):
-    """One optax update. optax mixes Python floats with int32 step counts, so its update runs
-    under standard dtype promotion even where the project's own code is checked strictly."""
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
 
 
 def train_chunk_function(model, optimizer: optax.GradientTransformation, batch_size: int, height: int,

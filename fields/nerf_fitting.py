@@ -21,52 +21,45 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fields.image_fitting import optimizer_step
 from fields.models.hash_grid import BACKENDS, HashGridConfig
 from fields.models.nerf import NeRFField, NeRFFieldConfig
 from fields.rendering import occupancy_grid, volume
 from fields.rendering.occupancy_grid import OccupancyGridConfig
+from fields.training import TrainingConfig, make_optimizer, optimizer_step
 
 
 @dataclasses.dataclass(frozen=True)
-class NeRFFitConfig:
-    """How to fit a NeRF.
+class NeRFFitConfig(TrainingConfig):
+    """How to fit a NeRF (besides ``TrainingConfig``'s optimisation settings).
 
     Attributes:
         field: the field architecture.
         occupancy: the occupancy grid.
         scene_bound: half-size of the scene box ``[-b, b]^3`` (Blender scenes fit in 1.5).
         steps_per_diagonal: marching step = box diagonal / this (Instant-NGP: 1024).
-        steps: optimisation steps.
         num_rays: rays per step.
         max_samples: sample budget per step.
-        learning_rate, adam_beta1, adam_beta2, adam_eps: Adam (Instant-NGP: 1e-2, 0.9, 0.99, 1e-15).
-        final_learning_rate_fraction: the cosine schedule ends at this fraction of the peak.
         random_background: composite RGBA targets over random colours while training.
         pixel_jitter: cast each training ray through a random point of its pixel (else the centre).
-        seed, backend, log_every: as for image fields.
+            Off by default: with centre-ray evaluation against anti-aliased images it measured
+            1-2 dB worse (BENCHMARKS.md, NeRF run C).
+        backend: ``auto`` (compiled kernels when installed), ``kernel`` or ``jax``.
     """
 
     field: NeRFFieldConfig = dataclasses.field(default_factory=NeRFFieldConfig)
     occupancy: OccupancyGridConfig = dataclasses.field(default_factory=OccupancyGridConfig)
     scene_bound: float = 1.5
     steps_per_diagonal: int = 1024
-    steps: int = 2000
     num_rays: int = 4096
     max_samples: int = 1 << 18
-    learning_rate: float = 1e-2
-    final_learning_rate_fraction: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_eps: float = 1e-15
     random_background: bool = True
-    pixel_jitter: bool = True
-    seed: int = 0
+    pixel_jitter: bool = False
     backend: str = "auto"
     log_every: int = 16
 
     def __post_init__(self):
-        for name in ("steps", "num_rays", "max_samples", "steps_per_diagonal", "log_every"):
+        super().__post_init__()
+        for name in ("num_rays", "max_samples", "steps_per_diagonal"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.scene_bound > 0:
@@ -128,12 +121,6 @@ def pixel_rays(camera_to_world: jax.Array, intrinsics: jax.Array, image_index: j
     return pose[:, :3, 3], directions
 
 
-def make_optimizer(config: NeRFFitConfig) -> optax.GradientTransformation:
-    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps,
-                                           alpha=config.final_learning_rate_fraction)
-    return optax.adam(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_eps)
-
-
 def march(origins, directions, bitfield, config: NeRFFitConfig, max_samples: int) -> volume.PackedSamples:
     """Packs the occupied samples of rays ``[R, 3]`` into a budget of ``max_samples``."""
     return volume.march_rays(origins, directions, bitfield, jnp.asarray(config.aabb), config.occupancy.resolution,
@@ -187,8 +174,8 @@ def make_train_chunk(model: NeRFField, optimizer: optax.GradientTransformation, 
             image_index = flat // (height * width)
             pixel = flat - image_index * height * width
             rows, cols = pixel // width, pixel % width
-            # A random point inside the pixel (as Instant-NGP): pixel values are area averages
-            # (anti-aliased renders, camera sensors), which centre rays alone cannot match at edges.
+            # Optionally a random point inside the pixel (as Instant-NGP): pixel values are area
+            # averages; the field then learns the sharp scene, which centre-ray renders alias.
             jitter = jax.random.uniform(key_jitter, (config.num_rays, 2)) if config.pixel_jitter else None
             origins, directions = pixel_rays(data["camera_to_world"], data["intrinsics"], image_index, cols, rows,
                                              jitter)

@@ -38,8 +38,8 @@ from fields.data.mesh_sampling import (
     sample_labelled_points,
 )
 from fields.data.meshes import Mesh
-from fields.image_fitting import optimizer_step
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params, param_shapes
+from fields.training import TrainingConfig, make_optimizer, optimizer_step
 from fields.weights import load_field, save_field
 
 FIELD_KIND = "occupancy"
@@ -48,19 +48,14 @@ MESH_COLOUR = (0.7, 0.7, 0.7)
 
 
 @dataclasses.dataclass(frozen=True)
-class OccupancyFitConfig:
-    """How to fit an occupancy field to a mesh.
+class OccupancyFitConfig(TrainingConfig):
+    """How to fit an occupancy field to a mesh (besides ``TrainingConfig``'s optimisation settings).
 
     Attributes:
         field: the MLP's architecture.
         sampling: the labelled training points (sampled once).
         eval_sampling: the held-out labelled points for the metrics.
-        steps: optimisation steps.
         batch_size: points per step, drawn uniformly with replacement from the training points.
-        learning_rate: Adam peak learning rate (cosine decay to ``final_learning_rate_fraction``).
-        adam_beta1, adam_beta2, adam_eps: Adam hyper-parameters.
-        seed: initialisation, sampling and minibatch seed.
-        log_every: steps per on-device chunk (one host read of the loss per chunk).
         mesh_resolution: marching-cubes grid resolution for the saved mesh.
     """
 
@@ -69,26 +64,18 @@ class OccupancyFitConfig:
     eval_sampling: SamplingConfig = dataclasses.field(
         default_factory=lambda: SamplingConfig(num_points=20_000, near_fraction=0.25, far_fraction=0.25)
     )
-    steps: int = 2000
     batch_size: int = 1 << 12
     learning_rate: float = 2e-3
     final_learning_rate_fraction: float = 0.05
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    seed: int = 0
     log_every: int = 100
     mesh_resolution: int = 128
 
     def __post_init__(self):
-        if self.steps <= 0:
-            raise ValueError(f"steps must be > 0, got {self.steps}")
+        super().__post_init__()
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every must be > 0, got {self.log_every}")
         if self.mesh_resolution < 8:
             raise ValueError(f"mesh_resolution must be >= 8, got {self.mesh_resolution}")
 
@@ -131,13 +118,6 @@ class OccupancyFitResult:
 def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean binary cross-entropy of ``sigmoid(logits)`` against labels in {0, 1}."""
     return jnp.mean(jax.nn.softplus(logits) - labels * logits)
-
-
-def make_optimizer(config: OccupancyFitConfig) -> optax.GradientTransformation:
-    schedule = optax.cosine_decay_schedule(
-        config.learning_rate, config.steps, alpha=config.final_learning_rate_fraction
-    )
-    return optax.adam(schedule, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_eps)
 
 
 def make_train_chunk(model: OccupancyMLP, optimizer: optax.GradientTransformation, batch_size: int):

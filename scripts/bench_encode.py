@@ -25,7 +25,8 @@ import numpy as np
 
 from fields import metrics
 from fields.data.image_sources import open_image_source
-from fields.image_fitting import PRESETS, fit_image_batch, make_optimizer, make_renderer, train_chunk_function
+from fields.image_fitting import PRESETS, fit_image_batch, make_renderer, train_chunk_function
+from fields.training import make_optimizer
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 

@@ -29,9 +29,9 @@ import optax
 
 from fields import metrics
 from fields.data.nerf_scenes import load_scene
-from fields.image_fitting import optimizer_step
 from fields.nerf_fitting import PRESETS, Trainer, evaluate_views, make_view_renderer, pixel_rays, white_composite
 from fields.rendering.volume import intersect_aabb
+from fields.training import optimizer_step
 
 # ------------------------------------------------------------------------------------------------
 # Dense-grid baseline
