@@ -15,6 +15,22 @@ from typing import Any, TypeVar
 ConfigT = TypeVar("ConfigT")
 
 
+def resolve_preset(presets: dict, name: str, overrides: dict, what: str = "preset"):
+    """``presets[name]`` with the non-None ``overrides`` applied.
+
+    Raises:
+        UserError: an unknown name, or an override the config rejects (one line, naming the field).
+    """
+    from fields.cli import UserError
+
+    if name not in presets:
+        raise UserError(f"unknown {what} {name!r}; choose one of: {', '.join(presets)}")
+    try:
+        return dataclasses.replace(presets[name], **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 class ConfigError(ValueError):
     """A config that does not parse or does not fit; the message names the field."""
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fields.cli import ArgumentParser, UserError, run_main
-from fields.config import config_to_dict
+from fields.config import config_to_dict, resolve_preset
 
 FIELD_FAMILIES = ("ngp", "siren", "fourier")
 
@@ -73,15 +73,7 @@ def resolve_config(args):
     from fields.image_fitting import MLP_PRESETS, PRESETS
 
     presets = PRESETS if args.field == "ngp" else MLP_PRESETS[args.field]
-    if args.preset not in presets:
-        raise UserError(f"unknown {args.field} preset {args.preset!r}; choose one of: {', '.join(presets)}")
-    overrides = {"backend": args.backend}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    try:
-        return dataclasses.replace(presets[args.preset], **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return resolve_preset(presets, args.preset, {"backend": args.backend, "steps": args.steps}, f"{args.field} preset")
 
 
 def batch_ranges(num_items: int, per_batch: int) -> list[tuple[int, int]]:

@@ -8,11 +8,11 @@ reports its metrics instead of fitting again (``--overwrite`` refits).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir
+from fields.config import resolve_preset
 from fields.image_fitting import (
     describe,
     fit_image,
@@ -53,20 +53,9 @@ def build_parser(prog: str, description: str, presets: dict, models: tuple[str, 
 
 
 def resolve_config(args, presets: dict):
-    if args.preset not in presets:
-        raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(presets)}")
-    config = presets[args.preset]
-    overrides = {"seed": args.seed, "backend": args.backend}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.learning_rate is not None:
-        overrides["learning_rate"] = args.learning_rate
-    try:
-        return dataclasses.replace(config, **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return resolve_preset(presets, args.preset, {"seed": args.seed, "backend": args.backend, "steps": args.steps,
+                                                 "batch_size": args.batch_size,
+                                                 "learning_rate": args.learning_rate})
 
 
 def finished_run(workdir: str, run_config: dict) -> dict | None:

@@ -13,7 +13,6 @@ checkpoints in ``checkpoints/``. Rerunning the same command resumes from the new
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fields import metrics
 from fields.cli import ArgumentParser, UserError, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json, resolve_preset
 from fields.nerf_fitting import FIELD_KIND, PRESETS, NeRFFitConfig, Trainer
 from fields.weights import load_field, save_field
 
@@ -56,17 +55,8 @@ def build_parser() -> ArgumentParser:
 
 
 def resolve_config(args) -> NeRFFitConfig:
-    if args.preset not in PRESETS:
-        raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-    overrides = {"seed": args.seed, "backend": args.backend}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.scene_bound is not None:
-        overrides["scene_bound"] = args.scene_bound
-    try:
-        return dataclasses.replace(PRESETS[args.preset], **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return resolve_preset(PRESETS, args.preset, {"seed": args.seed, "backend": args.backend, "steps": args.steps,
+                                                 "scene_bound": args.scene_bound})
 
 
 def prepare_workdir(workdir: str, run_config: dict, overwrite: bool) -> None:

@@ -13,10 +13,10 @@ A mesh that is not watertight is fitted anyway, with a one-line warning.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
+from fields.cli import ArgumentParser, prepare_workdir, run_main
+from fields.config import resolve_preset
 
 
 def build_parser() -> ArgumentParser:
@@ -42,19 +42,11 @@ def build_parser() -> ArgumentParser:
 
 
 def resolve_config(args):
-    from fields.occupancy_fitting import preset
+    from fields.occupancy_fitting import PRESETS
 
-    config = preset(args.preset)
-    overrides = {"seed": args.seed}
-    for name, field in (("steps", "steps"), ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
-                        ("resolution", "mesh_resolution")):
-        value = getattr(args, name)
-        if value is not None:
-            overrides[field] = value
-    try:
-        return dataclasses.replace(config, **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    return resolve_preset(PRESETS, args.preset, {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+                                                 "learning_rate": args.learning_rate,
+                                                 "mesh_resolution": args.resolution})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from fields.models.hash_grid import HashGridConfig, encode_reference, init_table
+from scripts.timing import median_ms
 
 CASES = {
     # Image "large" preset: 2D, L=8, T=2^14, F=2, N_min=64, N_max=2048, 2^15 points.
@@ -27,17 +26,6 @@ CASES = {
     # NeRF-size volume: 3D, L=16, T=2^19, F=2, N_min=16, N_max=2048, 2^18 points.
     "nerf": (HashGridConfig(3, 16, 2, 19, 16, 2048), 1 << 18),
 }
-
-
-def _median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _programs(encode, config):
@@ -83,8 +71,8 @@ def bench_case(name: str, repeats: int) -> dict:
     reference = _programs(encode_reference, config)
     for op in kernel:
         args = (table, positions) if op == "fwd" else (table, positions, cotangent)
-        k_ms = _median_ms(kernel[op], args, repeats)
-        r_ms = _median_ms(reference[op], args, repeats)
+        k_ms = median_ms(kernel[op], args, repeats)
+        r_ms = median_ms(reference[op], args, repeats)
         result[op] = {"kernel_ms": round(k_ms, 3), "jax_ms": round(r_ms, 3), "speedup": round(r_ms / k_ms, 2)}
     return result
 

@@ -19,14 +19,13 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fields.rendering import occupancy_grid, volume
+from scripts.timing import median_ms
 
 AABB = np.array([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]], np.float32)
 NUM_RAYS = 4096
@@ -34,17 +33,6 @@ RESOLUTION = 128
 STEPS_PER_DIAGONAL = 1024
 STEP = 2.0 * 1.5 * math.sqrt(3.0) / STEPS_PER_DIAGONAL
 MAX_SAMPLES = 1 << 18
-
-
-def _median_ms(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def make_scene(seed: int = 0, target: float = 0.15):
@@ -153,8 +141,8 @@ def main(argv=None) -> None:
     }
     results = {}
     for name, ((kernel_fn, twin_fn), fn_args) in programs.items():
-        k_ms = _median_ms(kernel_fn, fn_args, args.repeats)
-        t_ms = _median_ms(twin_fn, fn_args, args.repeats)
+        k_ms = median_ms(kernel_fn, fn_args, args.repeats)
+        t_ms = median_ms(twin_fn, fn_args, args.repeats)
         results[name] = {"kernel_ms": round(k_ms, 3), "jax_ms": round(t_ms, 3), "speedup": round(t_ms / k_ms, 2)}
     report = {
         "backend": jax.default_backend(),

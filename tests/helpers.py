@@ -3,6 +3,14 @@
 import numpy as np
 
 
+def assert_one_line_error(status, err: str, expected: str) -> None:
+    """A bad-input exit: status 2, exactly one non-empty stderr line containing ``expected``, no traceback."""
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
 def procedural_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
     """A smooth, asymmetric ``[height, width, channels]`` image in [0, 1] (orientation is testable).
 

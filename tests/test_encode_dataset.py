@@ -18,6 +18,7 @@ from fields.cli import run_main
 from fields.data.image_sources import open_image_source, read_idx
 from fields.data.procgen_2d import SHAPES_2D, primitive_image
 from fields.image_fitting import MLP_PRESETS, PRESETS, fit_image, fit_image_batch
+from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,9 +195,7 @@ def test_killed_encoding_resumes_without_loss_or_duplicates(tmp_path):
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, expected):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
     status, _, err = run_cli(encode_dataset.main, argv + ["--quiet"], capsys)
-    assert status == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], err
+    assert_one_line_error(status, err, expected)
 
 
 @pytest.mark.parametrize("model", ["siren", "fourier"])

@@ -15,7 +15,7 @@ from fields.cli import run_main
 from fields.data.images import load_image, save_image
 from fields.image_fitting import fit_image, preset, render_saved_field
 from fields.weights import load_field
-from tests.helpers import procedural_image
+from tests.helpers import assert_one_line_error, procedural_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,10 +118,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv_builder, expecte
     (tmp_path / "a_file").write_text("a file where a directory should be")
     status, _, err = run_cli(argv_builder(tmp_path) + ["--workdir", str(tmp_path / "w")]
                              if "--workdir" not in argv_builder(tmp_path) else argv_builder(tmp_path), capsys)
-    assert status == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err
+    assert_one_line_error(status, err, expected)
 
 
 def test_bad_input_as_a_real_process(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from fields import ngp_nerf
 from fields.cli import UserError, run_main
 from fields.data.procgen_3d import ViewConfig, generate_scenes
+from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,6 +136,4 @@ def test_bad_input_exits_2_with_one_line(scene, tmp_path, capsys, argv, expected
     (broken / "transforms_train.json").write_text('{"camera_angle_x": 0.7, "frames": [{"file_path": "./a"}]}')
     argv = [{"SCENE": scene, "BROKEN": str(broken)}.get(a, a) for a in argv]
     status, _, err = run_cli(argv + ["--workdir", str(tmp_path / "w"), "--quiet"], capsys)
-    assert status == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], err
+    assert_one_line_error(status, err, expected)

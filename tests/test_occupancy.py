@@ -27,6 +27,7 @@ from fields.data.mesh_sampling import (
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params
 from fields.occupancy_fitting import extract_mesh, fit_occupancy, load_occupancy_field, preset
 from fields.weights import load_field
+from tests.helpers import assert_one_line_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,10 +194,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, expected):
     if "--workdir" not in arguments:
         arguments += ["--workdir", str(tmp_path / "w")]
     status, _, err = run_cli(arguments, capsys)
-    assert status == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], err
-    assert "Traceback" not in err
+    assert_one_line_error(status, err, expected)
 
 
 def test_bad_input_as_a_real_process(tmp_path):
