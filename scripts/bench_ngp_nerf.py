@@ -176,6 +176,8 @@ def main() -> None:
                              "(~24 steps/s on 2 CPU cores x 600 s); past it the rate stays at its floor")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--methods", default="ngp,dense")
+    parser.add_argument("--ngp-final-lr-fraction", type=float,
+                        help="where NGP's cosine schedule ends, as a fraction of the peak (default: the preset's)")
     args = parser.parse_args()
 
     data = args.data
@@ -198,6 +200,8 @@ def main() -> None:
     if "ngp" in args.methods:
         config = dataclasses.replace(PRESETS[args.preset], steps=args.ngp_steps, scene_bound=1.0,
                                      backend=args.backend)
+        if args.ngp_final_lr_fraction is not None:
+            config = dataclasses.replace(config, final_learning_rate_fraction=args.ngp_final_lr_fraction)
         trainer = Trainer(config, train)
         compile_seconds = trainer.compile()
         render = make_view_renderer(trainer.model, config)
