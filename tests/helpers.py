@@ -1,6 +1,9 @@
 """Procedural test data shared by the tests."""
 
 import numpy as np
+import pytest
+
+from fields.cli import run_main
 
 
 def assert_one_line_error(status, err: str, expected: str) -> None:
@@ -25,3 +28,11 @@ def procedural_image(height: int, width: int, channels: int = 3, seed: int = 0) 
     if channels == 1:
         planes = [0.5 * x + 0.5 * disc]
     return np.stack(planes, axis=-1).astype(np.float32)
+
+
+def run_entry_point(main, argv, capsys):
+    """Runs an entry point's ``main`` in-process as ``python -m`` would; returns (status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

@@ -14,20 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from fields import encode_dataset, mlp_image
-from fields.cli import run_main
 from fields.data.image_sources import open_image_source, read_idx
 from fields.data.procgen_2d import SHAPES_2D, primitive_image
 from fields.image_fitting import MLP_PRESETS, PRESETS, fit_image, fit_image_batch
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, run_entry_point
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(main, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry_point(main, argv, capsys)
 
 
 def read_rows(folder):

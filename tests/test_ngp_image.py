@@ -11,21 +11,16 @@ import pytest
 from PIL import Image
 
 from fields import ngp_image
-from fields.cli import run_main
 from fields.data.images import load_image, save_image
 from fields.image_fitting import fit_image, preset, render_saved_field
 from fields.weights import load_field
-from tests.helpers import assert_one_line_error, procedural_image
+from tests.helpers import assert_one_line_error, procedural_image, run_entry_point
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(argv, capsys):
-    """Runs the entry point in-process; returns (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(ngp_image.main, argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry_point(ngp_image.main, argv, capsys)
 
 
 def test_tiny_fit_learns_a_non_square_image_in_the_right_orientation():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from fields import ngp_nerf
-from fields.cli import UserError, run_main
+from fields.cli import UserError
 from fields.data.procgen_3d import ViewConfig, generate_scenes
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, run_entry_point
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,10 +28,7 @@ def scene(tmp_path_factory):
 
 
 def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(ngp_nerf.main, argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry_point(ngp_nerf.main, argv, capsys)
 
 
 def test_tiny_fit_writes_everything(scene, tmp_path, capsys):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from fields import occupancy
-from fields.cli import run_main
 from fields.data import meshes
 from fields.data.mesh_sampling import (
     SamplingConfig,
@@ -27,17 +26,13 @@ from fields.data.mesh_sampling import (
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params
 from fields.occupancy_fitting import extract_mesh, fit_occupancy, load_occupancy_field, preset
 from fields.weights import load_field
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, run_entry_point
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(argv, capsys):
-    """Runs the entry point in-process; returns (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(occupancy.main, argv)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return run_entry_point(occupancy.main, argv, capsys)
 
 
 def test_winding_numbers_match_the_analytic_inside_test():
