@@ -18,7 +18,11 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -31,16 +35,21 @@ FIELD_FAMILIES = ("ngp", "siren", "fourier")
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fields.encode_dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True,
-                        help="procedural:primitives | idx:IMAGES[,LABELS] | parquet:FILE[#COLUMN] | DIR")
+                        help="procedural:primitives | idx:IMAGES[,LABELS] | parquet:FILE[#COLUMN] | DIR (images) | "
+                             "meshes:DIR (occupancy fields) | scenes:DIR (NeRF fields)")
     parser.add_argument("--out", required=True, help="output folder for the parquet shards")
-    parser.add_argument("--field", choices=FIELD_FAMILIES, default="ngp", help="field family (default: ngp)")
-    parser.add_argument("--preset", default="small", help="field preset (default: small, for ~28x28 images)")
+    parser.add_argument("--field", choices=FIELD_FAMILIES, help="image field family (default: ngp)")
+    parser.add_argument("--preset", help="field preset (default: small for images, default for meshes and scenes)")
     parser.add_argument("--num", type=int, help="number of items (procedural: how many to make; others: a cap)")
     parser.add_argument("--size", help="resize images to HxW (e.g. 28x28)")
     parser.add_argument("--steps", type=int, help="steps per field (default: the preset's)")
-    parser.add_argument("--fields-per-batch", type=int, default=256, help="fields fitted at once (default 256)")
+    parser.add_argument("--fields-per-batch", type=int,
+                        help="fields fitted at once (default: 256 images, 16 meshes, 2 scenes)")
     parser.add_argument("--shard", default="0/1", help="i/n: do every n-th batch starting at i (default 0/1)")
-    parser.add_argument("--min-psnr", type=float, help="quality gate: refit fields below it once, then drop them")
+    parser.add_argument("--min-psnr", type=float,
+                        help="quality gate for image and NeRF fields: refit fields below it once, then drop them")
+    parser.add_argument("--min-iou", type=float, help="the same gate for occupancy fields (IoU in [0, 1])")
+    parser.add_argument("--eval-views", type=int, default=10, help="NeRF fields: test views scored (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="field i uses seed + i; procedural data seed")
     parser.add_argument("--backend", choices=("auto", "kernel", "jax"), default="auto")
     parser.add_argument("--quiet", action="store_true")
@@ -69,11 +78,134 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return height, width
 
 
-def resolve_config(args):
-    from fields.image_fitting import MLP_PRESETS, PRESETS
+@dataclasses.dataclass
+class EncodeJob:
+    """One family of fields to encode: where the items come from and how a batch is fitted.
 
-    presets = PRESETS if args.field == "ngp" else MLP_PRESETS[args.field]
-    return resolve_preset(presets, args.preset, {"backend": args.backend, "steps": args.steps}, f"{args.field} preset")
+    ``fit(items, config, seeds) -> (params with a leading field axis, quality [N])``; ``quality``
+    names the per-field score (``psnr`` in dB, or ``iou``) and ``threshold`` the gate on it.
+    """
+
+    family: str
+    source: Any
+    config: Any
+    field_config: Any
+    field_kind: str
+    pmap: list
+    quality: str
+    threshold: float | None
+    describe: str
+    schema_metadata: dict
+    fit: Callable
+    load: Callable[[list[int]], Any]
+    extra_columns: Callable[[list[int]], dict]
+
+
+def _take(items, positions):
+    return items[positions] if isinstance(items, np.ndarray) else [items[int(k)] for k in positions]
+
+
+def _params_map(params) -> list:
+    from fields.weights import param_map
+
+    return param_map(jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), params))
+
+
+def image_job(args, size) -> EncodeJob:
+    from fields.data.image_sources import open_image_source
+    from fields.image_fitting import MLP_PRESETS, PRESETS, fit_image_batch
+
+    family = args.field or "ngp"
+    presets = PRESETS if family == "ngp" else MLP_PRESETS[family]
+    config = resolve_preset(presets, args.preset or "small", {"backend": args.backend, "steps": args.steps},
+                            f"{family} preset")
+    if args.min_iou is not None:
+        raise UserError("--min-iou is for occupancy fields (meshes:DIR); use --min-psnr for images")
+    source = open_image_source(args.source, args.num, args.seed, size)
+    config = dataclasses.replace(config, field=dataclasses.replace(config.field, output_dim=source.channels))
+
+    def fit(images, fit_config, seeds):
+        result = fit_image_batch(images, fit_config, seeds)
+        return result.params, result.psnr
+
+    shapes = jax.eval_shape(lambda: config.field.build("jax").init(jax.random.PRNGKey(0),
+                                                                   jnp.zeros((1, 2), jnp.float32)))["params"]
+    return EncodeJob("images", source, config, config.field, config.field.field_kind, _params_map(shapes), "psnr",
+                     args.min_psnr,
+                     f"{source.num_items} images of {source.height}x{source.width}x{source.channels}",
+                     {"image_height": source.height, "image_width": source.width}, fit, source.load,
+                     lambda indices: {})
+
+
+def mesh_job(args) -> EncodeJob:
+    from fields.data.collection_sources import mesh_folder_source, strip_family
+    from fields.models.occupancy_mlp import init_params
+    from fields.occupancy_fitting import FIELD_KIND, PRESETS, fit_occupancy_batch
+
+    _refuse_image_options(args, "meshes")
+    if args.min_psnr is not None:
+        raise UserError("--min-psnr is for image and NeRF fields; use --min-iou for occupancy fields")
+    if args.min_iou is not None and not 0.0 <= args.min_iou <= 1.0:
+        raise UserError(f"--min-iou must lie in [0, 1], got {args.min_iou}")
+    config = resolve_preset(PRESETS, args.preset or "default", {"steps": args.steps}, "occupancy preset")
+    source = mesh_folder_source(strip_family(args.source), args.num)
+
+    def fit(meshes, fit_config, seeds):
+        result = fit_occupancy_batch(meshes, fit_config, seeds)
+        return result.params, result.metrics["iou"]
+
+    shapes = jax.eval_shape(lambda: init_params(config.field, jax.random.PRNGKey(0)))
+    return EncodeJob("meshes", source, config, config.field, FIELD_KIND, _params_map(shapes), "iou", args.min_iou,
+                     f"{source.num_items} meshes", {}, fit, source.load, lambda indices: {})
+
+
+def scene_job(args) -> EncodeJob:
+    from fields.data.collection_sources import scene_folder_source, strip_family
+    from fields.models.nerf import NeRFField
+    from fields.nerf_fitting import FIELD_KIND, PRESETS, fit_nerf_batch
+
+    _refuse_image_options(args, "scenes")
+    if args.min_iou is not None:
+        raise UserError("--min-iou is for occupancy fields (meshes:DIR); use --min-psnr for NeRF fields")
+    if args.eval_views < 1:
+        raise UserError(f"--eval-views must be >= 1, got {args.eval_views}")
+    config = resolve_preset(PRESETS, args.preset or "default", {"backend": args.backend, "steps": args.steps},
+                            "NeRF preset")
+    source = scene_folder_source(strip_family(args.source), args.num)
+
+    def fit(scenes, fit_config, seeds):
+        try:
+            result = fit_nerf_batch(scenes, fit_config, seeds, max_eval_views=args.eval_views)
+        except ValueError as error:
+            raise UserError(f"{source.name}: {error}; fit them in separate runs or use --fields-per-batch 1") from None
+        return result.params, result.psnr
+
+    model = NeRFField(config.field, backend="jax")
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.float32),
+                                               jnp.ones((1, 3), jnp.float32))["params"])
+    return EncodeJob("scenes", source, config, config.field, FIELD_KIND, _params_map(shapes), "psnr", args.min_psnr,
+                     f"{source.num_items} scenes", {"scene_bound": config.scene_bound}, fit, source.load,
+                     lambda indices: {"caption": [source.caption(k) for k in indices]})
+
+
+def _refuse_image_options(args, family: str) -> None:
+    for flag, value in (("--field", args.field), ("--size", args.size)):
+        if value is not None:
+            raise UserError(f"{flag} applies to image sources, not to {family}")
+
+
+def open_job(args) -> EncodeJob:
+    from fields.data.collection_sources import source_family
+
+    family = source_family(args.source)
+    if family == "meshes":
+        return mesh_job(args)
+    if family == "scenes":
+        return scene_job(args)
+    return image_job(args, parse_size(args.size))
+
+
+DEFAULT_FIELDS_PER_BATCH = {"images": 256, "meshes": 16, "scenes": 2}
 
 
 def batch_ranges(num_items: int, per_batch: int) -> list[tuple[int, int]]:
@@ -105,46 +237,35 @@ def check_or_write_manifest(out: str, manifest: dict) -> None:
     os.replace(temporary, path)
 
 
-def field_param_map(field_config) -> list:
-    """The param map of a field architecture (from its init shapes; no fitting needed)."""
-    import jax
-    import jax.numpy as jnp
-
-    from fields.weights import param_map
-
-    shapes = jax.eval_shape(lambda: field_config.build("jax").init(jax.random.PRNGKey(0),
-                                                                   jnp.zeros((1, 2), jnp.float32)))["params"]
-    return param_map(jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes))
-
-
-def fit_with_gate(images, config, seeds, min_psnr, pmap):
-    """Fits a batch; fields below ``min_psnr`` are refitted once (other seed, twice the steps), then
-    dropped. Returns ``(params [M, P], kept indices [M], psnrs [M], seeds [M], steps [M], refits, drops)``."""
-    from fields.image_fitting import fit_image_batch
+def fit_with_gate(job: EncodeJob, items, seeds):
+    """Fits a batch; fields whose quality is below ``job.threshold`` are refitted once (other seed,
+    twice the steps), then dropped. Returns ``(params [M, P], kept indices [M], quality [M],
+    seeds [M], steps [M], refits, drops)``."""
     from fields.weights import params_to_vector
 
-    result = fit_image_batch(images, config, seeds)
-    matrix = np.stack([params_to_vector(_field(result.params, i), pmap) for i in range(len(seeds))])
-    psnrs = result.psnr.copy()
-    steps = np.full(len(seeds), config.steps, np.int32)
+    params, quality = job.fit(items, job.config, seeds)
+    matrix = np.stack([params_to_vector(_field(params, i), job.pmap) for i in range(len(seeds))])
+    quality = np.asarray(quality, np.float32).copy()
+    steps = np.full(len(seeds), job.config.steps, np.int32)
     seeds = np.asarray(seeds, np.int64)
     refits = drops = 0
-    if min_psnr is not None:
-        low = np.flatnonzero(psnrs < min_psnr)
+    if job.threshold is not None:
+        low = np.flatnonzero(~(quality >= job.threshold))
         if len(low):
             refits = len(low)
             retry_seeds = [int(seed) + 1_000_003 for seed in seeds[low]]
-            retry_config = dataclasses.replace(config, steps=2 * config.steps)
-            retry = fit_image_batch(images[low], retry_config, retry_seeds)
+            retry_config = dataclasses.replace(job.config, steps=2 * job.config.steps)
+            retry_params, retry_quality = job.fit(_take(items, low), retry_config, retry_seeds)
             for slot, index in enumerate(low):
-                if retry.psnr[slot] > psnrs[index]:
-                    matrix[index] = params_to_vector(_field(retry.params, slot), pmap)
-                    psnrs[index], seeds[index], steps[index] = retry.psnr[slot], retry_seeds[slot], retry_config.steps
-        keep = np.flatnonzero(psnrs >= min_psnr)
+                if retry_quality[slot] > quality[index] or not np.isfinite(quality[index]):
+                    matrix[index] = params_to_vector(_field(retry_params, slot), job.pmap)
+                    quality[index], seeds[index] = retry_quality[slot], retry_seeds[slot]
+                    steps[index] = retry_config.steps
+        keep = np.flatnonzero(quality >= job.threshold)
         drops = len(seeds) - len(keep)
     else:
         keep = np.arange(len(seeds))
-    return matrix[keep], keep, psnrs[keep], seeds[keep], steps[keep], refits, drops
+    return matrix[keep], keep, quality[keep], seeds[keep], steps[keep], refits, drops
 
 
 def _field(params: dict, index: int) -> dict:
@@ -155,75 +276,71 @@ def _field(params: dict, index: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     shard_index, shard_count = parse_shard(args.shard)
-    size = parse_size(args.size)
-    if args.fields_per_batch < 1:
+    if args.fields_per_batch is not None and args.fields_per_batch < 1:
         raise UserError(f"--fields-per-batch must be >= 1, got {args.fields_per_batch}")
     if args.num is not None and args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
-    config = resolve_config(args)
+    job = open_job(args)
+    per_batch = args.fields_per_batch or DEFAULT_FIELDS_PER_BATCH[job.family]
 
-    from fields.data.image_sources import open_image_source
     from fields.field_datasets import write_shard
+    from fields.weights import param_map_to_json
 
-    source = open_image_source(args.source, args.num, args.seed, size)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot write to --out {args.out}: {error.strerror or error}") from None
-    field_config = dataclasses.replace(config.field, output_dim=source.channels)
-    from fields.weights import param_map_to_json
-
-    pmap = field_param_map(field_config)
-    pmap_json = param_map_to_json(pmap)
+    pmap_json = param_map_to_json(job.pmap)
     manifest = {"param_map": json.loads(pmap_json) if isinstance(pmap_json, str) else pmap_json,
-                "source": args.source, "num_items": source.num_items, "image_height": source.height,
-                "image_width": source.width, "field_kind": field_config.field_kind,
-                "field_config": config_to_dict(field_config), "fit": config_to_dict(config), "seed": args.seed,
-                "min_psnr": args.min_psnr, "fields_per_batch": args.fields_per_batch}
+                "source": args.source, "num_items": job.source.num_items, **job.schema_metadata,
+                "field_kind": job.field_kind, "field_config": config_to_dict(job.field_config),
+                "fit": config_to_dict(job.config), "seed": args.seed, "quality": job.quality,
+                f"min_{job.quality}": job.threshold, "fields_per_batch": per_batch}
     check_or_write_manifest(args.out, manifest)
 
-    batches = [batch for k, batch in enumerate(batch_ranges(source.num_items, args.fields_per_batch))
+    batches = [batch for k, batch in enumerate(batch_ranges(job.source.num_items, per_batch))
                if k % shard_count == shard_index]
     todo = [batch for batch in batches if not os.path.exists(os.path.join(args.out, shard_name(*batch)))]
     total = sum(stop - first for first, stop in batches)
     done = total - sum(stop - first for first, stop in todo)
-    print(f"{source.name}: {source.num_items} items of {source.height}x{source.width}x{source.channels}; "
-          f"shard {shard_index}/{shard_count}: {len(batches)} batches, {len(batches) - len(todo)} already written; "
-          f"{field_config.field_kind} fields, {config.steps} steps each")
+    print(f"{job.source.name}: {job.describe}; shard {shard_index}/{shard_count}: {len(batches)} batches, "
+          f"{len(batches) - len(todo)} already written; {job.field_kind} fields, {job.config.steps} steps each")
     bar = tqdm(total=total, initial=done, desc="encode", unit="field", disable=args.quiet, dynamic_ncols=True)
-    start, fitted, psnr_sum, refits, drops = time.perf_counter(), 0, 0.0, 0, 0
+    start, fitted, quality_sum, refits, drops = time.perf_counter(), 0, 0.0, 0, 0
     for first, stop in todo:
         indices = list(range(first, stop))
-        images = source.load(indices)
+        items = job.load(indices)
         seeds = [args.seed + index for index in indices]
         try:
-            matrix, keep, psnrs, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
-                images, config, seeds, args.min_psnr, pmap)
+            matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(job, items, seeds)
         except FloatingPointError as error:
             raise UserError(f"batch {first}..{stop - 1}: {error}") from None
+        kept = [indices[k] for k in keep]
         columns = {
-            "source_id": [source.source_id(indices[k]) for k in keep],
-            "label": [int(source.labels[indices[k]]) for k in keep],
-            "psnr": [float(p) for p in psnrs],
+            "source_id": [job.source.source_id(index) for index in kept],
+            "label": [int(job.source.labels[index]) for index in kept],
+            job.quality: [float(value) for value in quality],
             "seed": [int(s) for s in used_seeds],
             "steps": [int(s) for s in steps],
+            **job.extra_columns(kept),
         }
-        write_shard(os.path.join(args.out, shard_name(first, stop)), matrix, columns, field_config.field_kind,
-                    config_to_dict(field_config), pmap,
-                    extra_schema_metadata={"image_height": source.height, "image_width": source.width,
-                                           "source": args.source})
+        write_shard(os.path.join(args.out, shard_name(first, stop)), matrix, columns, job.field_kind,
+                    config_to_dict(job.field_config), job.pmap,
+                    extra_schema_metadata={**job.schema_metadata, "source": args.source})
         fitted += len(keep)
-        psnr_sum += float(np.sum(psnrs))
+        quality_sum += float(np.sum(quality))
         refits, drops = refits + batch_refits, drops + batch_drops
         bar.update(stop - first)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(fields_per_s=f"{(fitted + drops) / elapsed:.1f}", mean_psnr=f"{psnr_sum / max(fitted, 1):.2f}")
+        bar.set_postfix({"fields_per_s": f"{(fitted + drops) / elapsed:.2f}",
+                         f"mean_{job.quality}": f"{quality_sum / max(fitted, 1):.3f}"})
     bar.close()
     elapsed = time.perf_counter() - start
-    gate = f"; quality gate {args.min_psnr} dB: {refits} refitted, {drops} dropped" if args.min_psnr is not None else ""
+    gate = (f"; quality gate {job.quality} >= {job.threshold}: {refits} refitted, {drops} dropped"
+            if job.threshold is not None else "")
     if todo:
-        print(f"encoded {fitted} fields in {elapsed:.1f} s ({(fitted + drops) / elapsed:.1f} fields/s), "
-              f"mean PSNR {psnr_sum / max(fitted, 1):.2f} dB{gate}; shards in {args.out}")
+        print(f"encoded {fitted} fields in {elapsed:.1f} s ({(fitted + drops) / elapsed:.2f} fields/s), "
+              f"mean {job.quality} {quality_sum / max(fitted, 1):.3f}{gate}; shards in {args.out}")
     else:
         print(f"nothing to do: every batch of shard {shard_index}/{shard_count} is already in {args.out}")
     return 0

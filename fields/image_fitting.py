@@ -11,6 +11,7 @@ do not depend on how steps are split into chunks. ``fit_image_batch`` runs the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -317,6 +318,28 @@ class BatchFitResult:
     compile_seconds: float
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fields: int, height: int, width: int):
+    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields,
+    cached so that successive batches of one shape (``fields.encode_dataset``) compile once."""
+    model = field_config.build(config.backend)
+    optimizer = make_optimizer(config)
+    dummy = jnp.zeros((1, 2), jnp.float32)
+
+    @jax.jit
+    def init(init_keys):
+        params = jax.vmap(lambda key: model.init(key, dummy)["params"])(init_keys)
+        return params, jax.vmap(optimizer.init)(params)
+
+    params, opt_state = jax.eval_shape(init, jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32))
+    pixels = jax.ShapeDtypeStruct((num_fields, height * width, field_config.output_dim), jnp.float32)
+    keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
+    single = train_chunk_function(model, optimizer, config.batch_size, height, width)
+    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return init, batched.lower(params, opt_state, pixels, keys, scalar, scalar).compile()
+
+
 def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequence[int]) -> BatchFitResult:
     """Fits one field per image, all at once: the single-field step under ``jax.vmap``.
 
@@ -332,20 +355,13 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
     if len(seeds) != num_fields:
         raise ValueError(f"need one seed per image: {num_fields} images, {len(seeds)} seeds")
     field_config = dataclasses.replace(config.field, output_dim=channels)
-    model = field_config.build(config.backend)
-    optimizer = make_optimizer(config)
     keys = jax.vmap(lambda seed: jnp.stack(jax.random.split(jax.random.PRNGKey(seed))))(
         jnp.asarray(seeds, jnp.uint32))
     init_keys, sample_keys = keys[:, 0], keys[:, 1]
-    dummy = jnp.zeros((1, 2), jnp.float32)
-    params = jax.jit(jax.vmap(lambda key: model.init(key, dummy)["params"]))(init_keys)
-    opt_state = jax.jit(jax.vmap(optimizer.init))(params)
     pixels = jnp.asarray(images.reshape(num_fields, height * width, channels), jnp.float32)
-
-    single = train_chunk_function(model, optimizer, config.batch_size, height, width)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
     compile_start = time.perf_counter()
-    compiled = batched.lower(params, opt_state, pixels, sample_keys, jnp.int32(0), jnp.int32(1)).compile()
+    init, compiled = _compiled_batch_functions(config, field_config, num_fields, height, width)
+    params, opt_state = init(init_keys)
     compile_seconds = time.perf_counter() - compile_start
 
     train_seconds, step = 0.0, 0
@@ -369,11 +385,16 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
     return BatchFitResult(params, field_config, psnrs, losses, train_seconds, compile_seconds)
 
 
-def render_batch(params, field_config, height: int, width: int, backend: str = "auto") -> np.ndarray:
-    """Renders fields with a leading axis: params leaves ``[N, ...]`` -> ``[N, height, width, channels]``."""
+@functools.lru_cache(maxsize=8)
+def _batch_renderer(field_config, height: int, width: int, backend: str):
     model = field_config.build(backend)
     positions = _pixel_positions(jnp.arange(height * width, dtype=jnp.int32), height, width)
-    outputs = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, positions)))(params)
+    return jax.jit(jax.vmap(lambda p: model.apply({"params": p}, positions)))
+
+
+def render_batch(params, field_config, height: int, width: int, backend: str = "auto") -> np.ndarray:
+    """Renders fields with a leading axis: params leaves ``[N, ...]`` -> ``[N, height, width, channels]``."""
+    outputs = _batch_renderer(field_config, height, width, backend)(params)
     return np.clip(np.asarray(outputs), 0.0, 1.0).reshape(-1, height, width, field_config.output_dim)
 
 
