@@ -1,0 +1,485 @@
+"""Weight-space diffusion: train a DiT over the (normalised, chunked) weights of a field dataset, then sample fields.
+
+    python -m hypernets.diffusion --data data/fields/primitives --workdir runs/diffusion --preset small
+    python -m hypernets.diffusion --data data/fields/primitives --workdir runs/diffusion --sample-only \
+--num-samples 64 --sampler ddpm
+
+A run is a config and a work directory: ``W/config.json`` holds the resolved config and the data
+path; rerunning resumes from the newest checkpoint in ``W/checkpoints`` (a different config in the
+same directory is refused; the sampling options may change between runs). After training, samples
+drawn with the EMA parameters are denormalised to raw weights and written as a dataset of fields in
+``W/samples/`` (same field kind, config, param map and image size as the input, so every tool that
+reads fields reads them), and for image fields ``W/samples.png`` shows them rendered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
+from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.weights import NORMALIZATION_MODES
+from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.models.dit import DiT, WeightChunker
+from hypernets.objectives import diffusion as objective_lib
+
+SAMPLES_DIRECTORY = "samples"
+SAMPLES_SHARD = "samples-000000.parquet"
+# Fields that may differ between runs in one work directory (sampling options, logging, devices).
+RERUN_FREE_FIELDS = ("num_samples", "sampler", "sample_steps", "eta", "guidance_scale", "clip_x0", "loop.wandb",
+                     "loop.num_devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Weight-space diffusion: model, objective, sampling.
+
+    Attributes:
+        loop: the training loop (steps, batch size, optimiser, EMA, checkpoints).
+        chunk_size: weights per token (each param-map section is chunked on its own).
+        width, depth, num_heads, mlp_ratio: the DiT.
+        schedule: noise schedule, ``"cosine"`` or ``"linear"``.
+        objective: what the model predicts: ``"epsilon"``, ``"x0"`` or ``"v"``.
+        num_timesteps: diffusion steps of the forward process.
+        class_conditional: condition on the dataset's labels (classifier-free guidance).
+        label_dropout: probability of training a sample unconditionally (conditional models).
+        sampler: ``"ddpm"`` (ancestral) or ``"ddim"``.
+        sample_steps: timesteps visited when sampling (respaced).
+        eta: DDIM noise (0: deterministic).
+        guidance_scale: classifier-free guidance at sampling (1: plain conditional).
+        clip_x0: clip the (normalised) x0 estimate to ``[-clip_x0, clip_x0]`` at each sampling step; 0: off.
+            Worth setting for ``objective="epsilon"`` with DDIM: at the near-zero signal of the first
+            step the epsilon-to-x0 conversion amplifies model error by ``1 / sqrt(abar)``.
+        num_samples: fields written to ``W/samples``.
+        normalization: per-``"section"`` or per-``"tensor"`` normalisation of the weights.
+        val_fraction: fields held out (by a hash of their source id) to report a validation loss.
+    """
+
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    chunk_size: int = 64
+    width: int = 256
+    depth: int = 8
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    schedule: str = "cosine"
+    objective: str = "v"
+    num_timesteps: int = 1000
+    class_conditional: bool = False
+    label_dropout: float = 0.1
+    sampler: str = "ddim"
+    sample_steps: int = 100
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    clip_x0: float = 0.0
+    num_samples: int = 16
+    normalization: str = "section"
+    val_fraction: float = 0.1
+
+    def __post_init__(self):
+        positive = ("chunk_size", "width", "depth", "num_heads", "num_timesteps", "sample_steps", "num_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        choices = {"schedule": objective_lib.SCHEDULES, "objective": objective_lib.OBJECTIVES,
+                   "sampler": objective_lib.SAMPLERS, "normalization": NORMALIZATION_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eta < 0 or self.clip_x0 < 0:
+            raise ValueError(f"eta and clip_x0 must be >= 0, got {self.eta} and {self.clip_x0}")
+
+
+PRESETS: dict[str, DiffusionConfig] = {
+    # Test-sized: a few steps of a one-block DiT on a handful of 8x8 fields, seconds on a CPU.
+    #   python -m hypernets.diffusion --data DIR --workdir W --preset tiny
+    "tiny": DiffusionConfig(
+        loop=LoopConfig(steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=1, ema_decay=0.9, log_every=2,
+                        checkpoint_every=100),
+        chunk_size=32, width=32, depth=1, num_heads=2, mlp_ratio=2.0, num_timesteps=50, sample_steps=5,
+        num_samples=4, val_fraction=0.2),
+    # Primitives at 28x28 (ngp_image "small" fields, ~1.6k weights -> ~50 tokens of 32), one GPU.
+    # Expected: a falling validation loss and samples.png showing recognisable primitives; not yet measured.
+    #   python -m fields.encode_dataset --source procedural:primitives --num 1024 --out data/fields/primitives
+    #   python -m hypernets.diffusion --data data/fields/primitives --workdir runs/diffusion-small --preset small
+    "small": DiffusionConfig(
+        loop=LoopConfig(steps=20000, batch_size=64, learning_rate=3e-4, warmup_steps=500, ema_decay=0.999,
+                        checkpoint_every=1000, eval_every=1000),
+        chunk_size=32, width=192, depth=6, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
+    # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional with guidance.
+    # Expected: recognisable class-conditional samples; not yet measured.
+    #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion --class-conditional \
+    #       --guidance-scale 2
+    "default": DiffusionConfig(
+        loop=LoopConfig(steps=100000, batch_size=128, learning_rate=1e-4, warmup_steps=1000, ema_decay=0.9995,
+                        checkpoint_every=2500, eval_every=2500),
+        chunk_size=64, width=384, depth=12, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
+}
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+
+@dataclasses.dataclass
+class DiffusionTask:
+    """The training task for ``hypernets.loop.train``: batches ``{"vectors": [B, P], "labels": [B]}``.
+
+    Attributes:
+        model: the denoiser over tokens ``[B, T, chunk_size]``.
+        chunker: vectors <-> tokens.
+        alphas_cumprod: ``[num_timesteps]`` float32.
+        objective, label_dropout: as in ``DiffusionConfig``.
+        num_classes: 0 for an unconditional model (labels ignored), else the null class id.
+    """
+
+    model: DiT
+    chunker: WeightChunker
+    alphas_cumprod: np.ndarray
+    objective: str
+    num_classes: int = 0
+    label_dropout: float = 0.0
+
+    def _labels(self, batch: dict[str, jax.Array]) -> jax.Array | None:
+        return jnp.asarray(batch["labels"], jnp.int32) if self.num_classes > 0 else None
+
+    def init(self, key: jax.Array, batch: dict[str, jax.Array]) -> Any:
+        tokens = self.chunker.to_tokens(jnp.asarray(batch["vectors"], jnp.float32))
+        timesteps = jnp.zeros(tokens.shape[:1], jnp.int32)
+        return self.model.init(key, tokens, timesteps, self._labels(batch))["params"]
+
+    def denoiser(self, params: Any):
+        """``denoise(x_t, timesteps, labels)`` of the model with ``params``."""
+        return lambda x_t, timesteps, labels: self.model.apply({"params": params}, x_t, timesteps, labels)
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array):
+        tokens = self.chunker.to_tokens(jnp.asarray(batch["vectors"], jnp.float32))
+        return objective_lib.diffusion_loss(
+            self.denoiser(params), tokens, key, jnp.asarray(self.alphas_cumprod), self.objective,
+            labels=self._labels(batch), num_classes=self.num_classes, label_dropout=self.label_dropout,
+            mask=jnp.asarray(self.chunker.mask))
+
+
+def build_task(config: DiffusionConfig, param_map: list, num_classes: int) -> DiffusionTask:
+    """The task (model, chunker, schedule) for ``config`` on fields laid out by ``param_map``."""
+    chunker = WeightChunker(param_map, config.chunk_size)
+    model = DiT(num_tokens=chunker.num_tokens, chunk_size=chunker.chunk_size,
+                section_ids=tuple(int(s) for s in chunker.section_ids), width=config.width, depth=config.depth,
+                num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                num_classes=num_classes if config.class_conditional else 0)
+    return DiffusionTask(model=model, chunker=chunker,
+                         alphas_cumprod=objective_lib.alphas_cumprod(config.schedule, config.num_timesteps),
+                         objective=config.objective, num_classes=model.num_classes,
+                         label_dropout=config.label_dropout)
+
+
+def make_evaluate(task: DiffusionTask, vectors: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    """``evaluate(params, step) -> {"val_loss": ...}``: the loss on up to 4 batches of held-out fields
+    with fixed noise (an empty split reports nothing)."""
+    if len(vectors) == 0:
+        return None
+    num_batches = min(4, -(-len(vectors) // batch_size))
+    rows = np.arange(num_batches * batch_size) % len(vectors)
+    loss = jax.jit(task.loss)
+
+    def evaluate(params: Any, step: int) -> dict[str, float]:
+        del step
+        total = 0.0
+        for index in range(num_batches):
+            picked = rows[index * batch_size : (index + 1) * batch_size]
+            batch = {"vectors": jnp.asarray(vectors[picked]), "labels": jnp.asarray(labels[picked], jnp.int32)}
+            value, _ = loss(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), index))
+            total += float(value)
+        return {"val_loss": total / num_batches}
+
+    return evaluate
+
+
+def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, labels: np.ndarray | None,
+                   seed: int, chunk: int = 256) -> np.ndarray:
+    """Draws ``config.num_samples`` normalised weight vectors ``[num_samples, P]`` float32.
+
+    Args:
+        labels: ``[num_samples]`` class ids for a conditional model, or None.
+        seed: sampling randomness.
+        chunk: samples drawn per compiled call.
+    """
+    abar = jnp.asarray(task.alphas_cumprod)
+    shape_tail = (task.chunker.num_tokens, task.chunker.chunk_size)
+
+    @jax.jit
+    def draw(params, key, chunk_labels):
+        return objective_lib.sample(
+            task.denoiser(params), key, (chunk_labels.shape[0],) + shape_tail, abar, task.objective,
+            sampler=config.sampler, num_steps=config.sample_steps, eta=config.eta,
+            labels=chunk_labels if task.num_classes > 0 else None, guidance_scale=config.guidance_scale,
+            null_class=task.num_classes, clip_x0=config.clip_x0 or None)
+
+    pieces = []
+    for start in range(0, config.num_samples, chunk):
+        stop = min(start + chunk, config.num_samples)
+        chunk_labels = (np.full(stop - start, -1, np.int32) if labels is None else labels[start:stop])
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+        pieces.append(np.asarray(task.chunker.from_tokens(draw(params, key, jnp.asarray(chunk_labels, jnp.int32)))))
+    return np.concatenate(pieces).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def sample_labels(config: DiffusionConfig, num_classes: int) -> np.ndarray:
+    """``[num_samples]`` int32: round-robin over the classes when conditional, else -1."""
+    if config.class_conditional and num_classes > 0:
+        return (np.arange(config.num_samples) % num_classes).astype(np.int32)
+    return np.full(config.num_samples, -1, np.int32)
+
+
+def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, generator: dict) -> str:
+    """Writes raw sampled weights ``[n, P]`` as a dataset of fields in ``workdir/samples``; returns its path."""
+    from fields.field_datasets import FIELD_RESERVED_KEYS, write_shard
+
+    directory = os.path.join(workdir, SAMPLES_DIRECTORY)
+    columns = {"source_id": [f"sample-{index:06d}" for index in range(len(raw))],
+               "label": [int(label) for label in labels]}
+    extra = {key: value for key, value in data.metadata.items()
+             if key not in FIELD_RESERVED_KEYS}
+    extra["source"] = f"hypernets.diffusion samples ({generator.get('workdir', workdir)})"
+    extra["generator"] = generator
+    write_shard(os.path.join(directory, SAMPLES_SHARD), raw, columns, data.field_kind, data.field_config,
+                data.param_map, extra_schema_metadata=extra)
+    return directory
+
+
+def image_grid(images: np.ndarray, gap: int = 1) -> np.ndarray:
+    """``[n, height, width, channels]`` -> one ``[rows * (height + gap) - gap, ...]`` grid image, black gaps."""
+    count, height, width, channels = images.shape
+    columns = max(1, math.ceil(math.sqrt(count)))
+    rows = max(1, math.ceil(count / columns))
+    grid = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap, channels), np.float32)
+    for index, image in enumerate(images):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def write_sample_grid(path: str, raw: np.ndarray, data) -> bool:
+    """Renders image fields ``[n, P]`` into a grid PNG at ``path``; False (nothing written) for other kinds."""
+    from fields.data.images import save_image
+    from fields.image_fitting import FIELD_CONFIGS, field_config_from_dict, render_batch
+    from fields.weights import matrix_to_params
+
+    height, width = int(data.metadata.get("image_height", 0)), int(data.metadata.get("image_width", 0))
+    if data.field_kind not in FIELD_CONFIGS or height <= 0 or width <= 0:
+        return False
+    field_config = field_config_from_dict(data.field_kind, data.field_config, "field_config")
+    params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(raw, data.param_map))
+    renders = render_batch(params, field_config, height, width)
+    renders = np.nan_to_num(renders, nan=0.0)
+    save_image(path, image_grid(renders))
+    return True
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_difference(saved: dict, current: dict) -> list[str]:
+    """The config fields (dotted names) that differ between two config dicts, ignoring ``RERUN_FREE_FIELDS``."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    names = sorted(set(saved_flat) | set(current_flat))
+    return [name for name in names
+            if name not in RERUN_FREE_FIELDS and saved_flat.get(name) != current_flat.get(name)]
+
+
+def read_saved_run(workdir: str) -> dict | None:
+    """``W/config.json`` as a dict (``{"data": ..., "diffusion": {...}}``), or None when absent."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("diffusion"), dict):
+        raise UserError(f"{path} is not a hypernets.diffusion run config")
+    return saved
+
+
+def run_record(data_path: str, config: DiffusionConfig) -> dict:
+    """What ``W/config.json`` holds: ``{"data": absolute path, "diffusion": config dict}``."""
+    return {"data": os.path.abspath(data_path), "diffusion": config_to_dict(config)}
+
+
+def check_run(workdir: str, saved: dict | None, current: dict) -> None:
+    """Refuses (``UserError``, one line) a workdir whose saved run used other data or another config."""
+    if saved is not None:
+        if saved.get("data") != current["data"]:
+            raise UserError(f"{workdir} was trained on {saved.get('data')}, not {current['data']}; "
+                            "use another --workdir")
+        differences = config_difference(saved["diffusion"], current["diffusion"])
+        if differences:
+            name = differences[0]
+            before, after = _flatten(saved["diffusion"]).get(name), _flatten(current["diffusion"]).get(name)
+            raise UserError(f"{workdir} holds a run with a different config ({name}: {before!r} there, {after!r} now"
+                            f"{f'; {len(differences) - 1} more' if len(differences) > 1 else ''}); "
+                            "use another --workdir")
+
+
+def write_run(workdir: str, current: dict) -> None:
+    """Saves ``W/config.json``."""
+    with open(os.path.join(workdir, "config.json"), "w") as handle:
+        json.dump(current, handle, indent=2, sort_keys=True)
+
+
+def resolve_config(args, saved: dict | None) -> DiffusionConfig:
+    """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
+    if args.preset is None and saved is not None:
+        try:
+            base = config_from_dict(DiffusionConfig, saved["diffusion"], "config.json: diffusion")
+        except ConfigError as error:
+            raise UserError(str(error)) from None
+    else:
+        name = args.preset or "default"
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    overrides = {
+        "class_conditional": args.class_conditional, "num_samples": args.num_samples, "sampler": args.sampler,
+        "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "eta": args.eta,
+        "clip_x0": args.clip_x0, "objective": args.objective, "schedule": args.schedule,
+        "normalization": args.normalization,
+    }
+    try:
+        loop = dataclasses.replace(base.loop, **loop_overrides(args))
+        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None
+
+
+def num_classes_of(labels: np.ndarray) -> int:
+    """Classes ``[0, max label]`` of a label column (0 when every label is unknown, -1)."""
+    return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m hypernets.diffusion", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="dataset of fields (a .parquet shard or a folder of them)")
+    parser.add_argument("--workdir", required=True, help="run directory (config, checkpoints, samples)")
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the workdir's saved config, "
+                                         "else default)")
+    parser.add_argument("--class-conditional", action="store_true", default=None,
+                        help="condition on the dataset's labels (classifier-free guidance)")
+    parser.add_argument("--num-samples", type=int, help="fields to sample into W/samples")
+    parser.add_argument("--sampler", choices=objective_lib.SAMPLERS)
+    parser.add_argument("--sample-steps", type=int, help="timesteps visited when sampling")
+    parser.add_argument("--eta", type=float, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--clip-x0", type=float,
+                        help="clip normalised x0 estimates to +-this while sampling (0: off; helps epsilon + DDIM)")
+    parser.add_argument("--objective", choices=objective_lib.OBJECTIVES)
+    parser.add_argument("--schedule", choices=objective_lib.SCHEDULES)
+    parser.add_argument("--normalization", choices=NORMALIZATION_MODES)
+    parser.add_argument("--sample-only", action="store_true", help="sample from the last checkpoint, no training")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loop_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hypernets.datasets import BatchStream, load_weight_splits
+    from hypernets.loop import train
+
+    args = build_parser().parse_args(argv)
+    saved = read_saved_run(args.workdir)
+    if args.sample_only and saved is None:
+        raise UserError(f"--sample-only: {args.workdir} holds no trained run (no config.json)")
+    if args.sample_only:
+        require_checkpoint(args.workdir)
+    config = resolve_config(args, saved)
+    run_config = run_record(args.data, config)
+    check_run(args.workdir, saved, run_config)
+    print(config_to_json(config))
+
+    train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)
+    prepare_workdir(args.workdir)
+    write_run(args.workdir, run_config)
+    num_classes = num_classes_of(np.concatenate([train_data.labels, val_data.labels]))
+    if config.class_conditional and num_classes == 0:
+        raise UserError(f"--class-conditional: {args.data} has no labels (every label is -1)")
+    task = build_task(config, train_data.param_map, num_classes)
+    print(f"{len(train_data.labels)} training fields, {len(val_data.labels)} held out; "
+          f"{task.chunker.num_params} weights -> {task.chunker.num_tokens} tokens of {config.chunk_size} "
+          f"(sections: {', '.join(task.chunker.section_names)})"
+          + (f"; {num_classes} classes" if config.class_conditional else ""))
+
+    stream = BatchStream({"vectors": train_data.vectors, "labels": train_data.labels.astype(np.int32)},
+                         config.loop.batch_size, seed=config.loop.seed)
+    evaluate = make_evaluate(task, val_data.vectors, val_data.labels, config.loop.batch_size, config.loop.seed)
+    if args.sample_only:
+        # stop_at_step=0: restore the newest checkpoint and train no further.
+        result = train(task, stream, config.loop, args.workdir, progress=False, run_config=run_config,
+                       stop_at_step=0)
+    else:
+        result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,
+                       run_config=run_config)
+    params, step = jax.device_get(result.ema_params), result.step
+
+    labels = sample_labels(config, num_classes)
+    normalized = sample_vectors(task, params, config, labels if config.class_conditional else None,
+                                seed=config.loop.seed + 1)
+    raw = train_data.denormalize(normalized)
+    if not np.all(np.isfinite(raw)):
+        raise UserError(f"sampling produced non-finite weights (step {step}); train longer or lower the learning rate")
+    generator = {"model": "hypernets.diffusion", "workdir": os.path.abspath(args.workdir), "step": int(step),
+                 "training_data": os.path.abspath(args.data), "sampler": config.sampler,
+                 "sample_steps": config.sample_steps, "eta": config.eta, "guidance_scale": config.guidance_scale,
+                 "clip_x0": config.clip_x0}
+    directory = write_samples(args.workdir, raw, labels, train_data, generator)
+    print(f"step {step}: wrote {len(raw)} sampled fields to {directory}")
+    grid_path = os.path.join(args.workdir, "samples.png")
+    if write_sample_grid(grid_path, raw, train_data):
+        print(f"rendered samples: {grid_path}")
+    return 0
+
+
+def require_checkpoint(workdir: str) -> None:
+    """``UserError`` unless ``workdir/checkpoints`` holds a checkpoint to sample from."""
+    from fields.checkpoint import Checkpointer
+    from hypernets.loop import CHECKPOINT_DIR
+
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    checkpoints = Checkpointer(directory) if os.path.isdir(directory) else None
+    try:
+        if checkpoints is None or checkpoints.latest_step() is None:
+            raise UserError(f"--sample-only: {workdir} holds no trained run (no checkpoint in {directory})")
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,123 @@
+"""Benchmark: generate Fashion-MNIST NGP image fields with weight-space diffusion and an
+autoregressive token model, each trained for a fixed CPU budget, and evaluate the samples.
+
+    python -m scripts.bench_hypernets                                  # 30 min per model
+    python -m scripts.bench_hypernets --minutes 5 --train-num 1024 --test-num 256
+
+Stages (each resumes: outputs under --work are reused when present):
+1. encode the first ``--train-num`` train and ``--test-num`` test images (Debian's
+   ``dataset-fashion-mnist``; the procedural primitives when it is absent) into NGP ``small`` fields;
+2. tokenize the train fields (fp8 after per-section normalisation);
+3. for each model (class-conditional diffusion, autoregressive): time a few steps, set the step
+   count that fills ``--minutes`` of training, train, sample ``--num-samples`` fields;
+4. ``hypernets.evaluate`` the samples against the test fields, with the train fields for novelty.
+Prints one JSON report (also written to WORK/report.json) with each model's metrics and budget.
+
+Not here yet: the issue's second part (occupancy fields of ``pybullet_data``'s 1,000 meshes,
+encoded with ``fields.encode_dataset --source meshes:DIR`` and evaluated with Chamfer distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def run(module: str, *arguments: str) -> float:
+    """Runs ``python -m module arguments``; returns wall seconds. Fails loudly on a non-zero exit."""
+    command = [sys.executable, "-m", module, *arguments]
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - start
+
+
+def image_source(split: str) -> str:
+    prefix = "train" if split == "train" else "t10k"
+    images = f"{FASHION}/{prefix}-images-idx3-ubyte.gz"
+    if os.path.exists(images):
+        return f"idx:{images},{FASHION}/{prefix}-labels-idx1-ubyte.gz"
+    return "procedural:primitives"
+
+
+def encode(work: str, split: str, num: int, seed: int) -> str:
+    out = os.path.join(work, f"fields_{split}")
+    run("fields.encode_dataset", "--source", image_source(split), "--num", str(num), "--size", "28x28",
+        "--preset", "small", "--out", out, "--seed", str(seed), "--quiet")
+    return out
+
+
+def steps_for_budget(module: str, arguments: list[str], probe_dir: str, minutes: float, probe_steps: int) -> int:
+    """Times ``probe_steps`` steps (after a first run that compiles) and scales to ``minutes``."""
+    run(module, *arguments, "--workdir", probe_dir + "_compile", "--steps", "2", "--num-samples", "2")
+    seconds = run(module, *arguments, "--workdir", probe_dir, "--steps", str(probe_steps), "--num-samples", "2")
+    return max(probe_steps, int(probe_steps * minutes * 60.0 / seconds))
+
+
+def train_and_evaluate(name: str, module: str, arguments: list[str], args, reference: str, train_fields: str) -> dict:
+    workdir = os.path.join(args.work, name)
+    steps_file = os.path.join(args.work, f"{name}_steps.json")
+    if os.path.exists(steps_file):
+        with open(steps_file) as handle:
+            steps = json.load(handle)["steps"]
+    else:
+        steps = steps_for_budget(module, arguments, os.path.join(args.work, "probe", name), args.minutes,
+                                 args.probe_steps)
+        with open(steps_file, "w") as handle:
+            json.dump({"steps": steps, "minutes": args.minutes}, handle)
+    seconds = run(module, *arguments, "--workdir", workdir, "--steps", str(steps),
+                  "--num-samples", str(args.num_samples))
+    out = os.path.join(args.work, f"{name}_eval")
+    run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", reference,
+        "--train", train_fields, "--out", out, "--quiet")
+    with open(os.path.join(out, "eval.json")) as handle:
+        evaluation = json.load(handle)
+    return {"steps": steps, "train_and_sample_seconds": seconds, "workdir": workdir, "eval": evaluation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/bench_hypernets", help="output folder (reused when rerun)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training budget per model")
+    parser.add_argument("--train-num", type=int, default=2048)
+    parser.add_argument("--test-num", type=int, default=512)
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--probe-steps", type=int, default=20)
+    parser.add_argument("--models", default="diffusion,autoregressive")
+    parser.add_argument("--diffusion-preset", default="small")
+    parser.add_argument("--autoregressive-preset", default="small")
+    args = parser.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+
+    train_fields = encode(args.work, "train", args.train_num, seed=0)
+    test_fields = encode(args.work, "test", args.test_num, seed=10_000_000)
+    report = {"source_train": image_source("train"), "source_test": image_source("test"),
+              "train_fields": args.train_num, "test_fields": args.test_num, "minutes_per_model": args.minutes,
+              "num_samples": args.num_samples, "models": {}}
+    if "diffusion" in args.models:
+        report["models"]["diffusion"] = train_and_evaluate(
+            "diffusion", "hypernets.diffusion",
+            ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"],
+            args, test_fields, train_fields)
+    if "autoregressive" in args.models:
+        tokens = os.path.join(args.work, "tokens_train")
+        if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
+            run("scripts.tokenize", "--fields", train_fields, "--tokenizer", "fp8", "--normalize", "section",
+                "--out", tokens, "--quiet")
+        report["models"]["autoregressive"] = train_and_evaluate(
+            "autoregressive", "hypernets.autoregressive",
+            ["--data", tokens, "--preset", args.autoregressive_preset, "--class-conditional", "--quiet"],
+            args, test_fields, train_fields)
+    with open(os.path.join(args.work, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
