@@ -44,8 +44,8 @@ from hypernets.loop import (
 )
 from hypernets.models.transformer import LOW_VOCAB, TokenTransformer, TransformerConfig
 from hypernets.objectives import autoregressive as objective_lib
+from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, write_run, write_sample_grid
 
-CONFIG_NAME = "config.json"
 SAMPLE_TOKENS_DIRECTORY = "sample_tokens"
 SAMPLES_DIRECTORY = "samples"
 SAMPLES_SHARD = "samples-000000.parquet"
@@ -232,79 +232,7 @@ def write_samples(workdir: str, tokens: np.ndarray, labels: np.ndarray, dataset,
     return weights
 
 
-def image_grid(images: np.ndarray, gap: int = 1) -> np.ndarray:
-    """``[n, height, width, channels]`` -> one grid image (rows of ceil(sqrt(n)) images, black gaps)."""
-    count, height, width, channels = images.shape
-    columns = max(1, math.ceil(math.sqrt(count)))
-    rows = max(1, math.ceil(count / columns))
-    grid = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap, channels), np.float32)
-    for index, image in enumerate(images):
-        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def write_sample_grid(path: str, weights: np.ndarray, dataset) -> bool:
-    """Renders image fields ``[n, P]`` into a grid PNG at ``path``; False (nothing written) for other kinds
-    or when the dataset does not store its image size."""
-    from fields.data.images import save_image
-    from fields.image_fitting import FIELD_CONFIGS, field_config_from_dict, render_batch
-    from fields.weights import matrix_to_params
-
-    height, width = dataset.metadata.get("image_height"), dataset.metadata.get("image_width")
-    if dataset.field_kind not in FIELD_CONFIGS or not isinstance(height, int) or not isinstance(width, int):
-        return False
-    field_config = field_config_from_dict(dataset.field_kind, dataset.field_config, "field_config")
-    params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(weights, dataset.param_map))
-    save_image(path, image_grid(render_batch(params, field_config, height, width)))
-    return True
-
-
 # ------------------------------------------------------------------------------------------- the run
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_saved_run(workdir: str) -> dict | None:
-    """``W/config.json`` as a dict (``{"data", "autoregressive", "model"}``), or None when absent."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("autoregressive"), dict):
-        raise UserError(f"{path} is not a hypernets.autoregressive run config")
-    return saved
-
-
-def check_or_write_run(workdir: str, current: dict, saved: dict | None) -> None:
-    """Saves ``W/config.json``, or refuses (one-line ``UserError``) a run with another config, data or model.
-
-    Fields in ``RERUN_FREE_FIELDS`` (sampling options, logging) may differ.
-    """
-    if saved is not None:
-        saved_flat, current_flat = _flatten(saved), _flatten(current)
-        free = {f"autoregressive.{name}" for name in RERUN_FREE_FIELDS}
-        differences = [name for name in sorted(set(saved_flat) | set(current_flat))
-                       if name not in free and saved_flat.get(name) != current_flat.get(name)]
-        if differences:
-            name = differences[0]
-            more = f"; {len(differences) - 1} more" if len(differences) > 1 else ""
-            raise UserError(f"{workdir} holds a run with a different config ({name}: {saved_flat.get(name)!r} there, "
-                            f"{current_flat.get(name)!r} now{more}); use another --workdir")
-    with open(os.path.join(workdir, CONFIG_NAME), "w") as handle:
-        json.dump(current, handle, indent=2, sort_keys=True)
 
 
 def resolve_config(args, saved: dict | None) -> AutoregressiveConfig:
@@ -366,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     initialize_distributed_from_args(args)
-    saved = read_saved_run(args.workdir)
+    saved = read_saved_run(args.workdir, "autoregressive", "hypernets.autoregressive")
     if args.sample_only and saved is None:
         raise UserError(f"--sample-only: {args.workdir} holds no trained run (no {CONFIG_NAME})")
     config = resolve_config(args, saved)
@@ -383,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_workdir(args.workdir)
     current = {"data": os.path.abspath(args.data), "autoregressive": config_to_dict(config),
                "model": config_to_dict(model_config), "tokenizer": json.loads(dataset.tokenizer.to_json())}
-    check_or_write_run(args.workdir, current, saved)
+    check_run(args.workdir, saved, current, [f"autoregressive.{name}" for name in RERUN_FREE_FIELDS])
+    write_run(args.workdir, current)
     print(config_to_json(config))
     print(f"{len(train_data)} training fields, {len(val_data)} held out; {model_config.max_length} tokens each, "
           f"{dataset.tokenizer.name} vocabulary of {model_config.vocab_size} "

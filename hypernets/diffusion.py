@@ -15,8 +15,6 @@ reads fields reads them), and for image fields ``W/samples.png`` shows them rend
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from typing import Any
 
@@ -30,6 +28,7 @@ from fields.weights import NORMALIZATION_MODES
 from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
 from hypernets.models.dit import DiT, WeightChunker
 from hypernets.objectives import diffusion as objective_lib
+from hypernets.runs import check_run, read_saved_run, write_run, write_sample_grid
 
 SAMPLES_DIRECTORY = "samples"
 SAMPLES_SHARD = "samples-000000.parquet"
@@ -264,95 +263,12 @@ def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, gener
     return directory
 
 
-def image_grid(images: np.ndarray, gap: int = 1) -> np.ndarray:
-    """``[n, height, width, channels]`` -> one ``[rows * (height + gap) - gap, ...]`` grid image, black gaps."""
-    count, height, width, channels = images.shape
-    columns = max(1, math.ceil(math.sqrt(count)))
-    rows = max(1, math.ceil(count / columns))
-    grid = np.zeros((rows * (height + gap) - gap, columns * (width + gap) - gap, channels), np.float32)
-    for index, image in enumerate(images):
-        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def write_sample_grid(path: str, raw: np.ndarray, data) -> bool:
-    """Renders image fields ``[n, P]`` into a grid PNG at ``path``; False (nothing written) for other kinds."""
-    from fields.data.images import save_image
-    from fields.image_fitting import FIELD_CONFIGS, field_config_from_dict, render_batch
-    from fields.weights import matrix_to_params
-
-    height, width = int(data.metadata.get("image_height", 0)), int(data.metadata.get("image_width", 0))
-    if data.field_kind not in FIELD_CONFIGS or height <= 0 or width <= 0:
-        return False
-    field_config = field_config_from_dict(data.field_kind, data.field_config, "field_config")
-    params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(raw, data.param_map))
-    renders = render_batch(params, field_config, height, width)
-    renders = np.nan_to_num(renders, nan=0.0)
-    save_image(path, image_grid(renders))
-    return True
-
-
 # ------------------------------------------------------------------------------------------- the run
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_difference(saved: dict, current: dict) -> list[str]:
-    """The config fields (dotted names) that differ between two config dicts, ignoring ``RERUN_FREE_FIELDS``."""
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
-    names = sorted(set(saved_flat) | set(current_flat))
-    return [name for name in names
-            if name not in RERUN_FREE_FIELDS and saved_flat.get(name) != current_flat.get(name)]
-
-
-def read_saved_run(workdir: str) -> dict | None:
-    """``W/config.json`` as a dict (``{"data": ..., "diffusion": {...}}``), or None when absent."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("diffusion"), dict):
-        raise UserError(f"{path} is not a hypernets.diffusion run config")
-    return saved
 
 
 def run_record(data_path: str, config: DiffusionConfig) -> dict:
     """What ``W/config.json`` holds: ``{"data": absolute path, "diffusion": config dict}``."""
     return {"data": os.path.abspath(data_path), "diffusion": config_to_dict(config)}
-
-
-def check_run(workdir: str, saved: dict | None, current: dict) -> None:
-    """Refuses (``UserError``, one line) a workdir whose saved run used other data or another config."""
-    if saved is not None:
-        if saved.get("data") != current["data"]:
-            raise UserError(f"{workdir} was trained on {saved.get('data')}, not {current['data']}; "
-                            "use another --workdir")
-        differences = config_difference(saved["diffusion"], current["diffusion"])
-        if differences:
-            name = differences[0]
-            before, after = _flatten(saved["diffusion"]).get(name), _flatten(current["diffusion"]).get(name)
-            raise UserError(f"{workdir} holds a run with a different config ({name}: {before!r} there, {after!r} now"
-                            f"{f'; {len(differences) - 1} more' if len(differences) > 1 else ''}); "
-                            "use another --workdir")
-
-
-def write_run(workdir: str, current: dict) -> None:
-    """Saves ``W/config.json``."""
-    with open(os.path.join(workdir, "config.json"), "w") as handle:
-        json.dump(current, handle, indent=2, sort_keys=True)
 
 
 def resolve_config(args, saved: dict | None) -> DiffusionConfig:
@@ -414,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     from hypernets.loop import train
 
     args = build_parser().parse_args(argv)
-    saved = read_saved_run(args.workdir)
+    saved = read_saved_run(args.workdir, "diffusion", "hypernets.diffusion")
     if args.sample_only and saved is None:
         raise UserError(f"--sample-only: {args.workdir} holds no trained run (no config.json)")
     if args.sample_only:
         require_checkpoint(args.workdir)
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
-    check_run(args.workdir, saved, run_config)
+    check_run(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
     print(config_to_json(config))
 
     train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)

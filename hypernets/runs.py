@@ -1,0 +1,92 @@
+"""A hypernet run's ``W/config.json`` (what was trained on what) and its sample grid picture.
+
+``config.json`` holds a record such as ``{"data": path, "diffusion": {...config...}}``. Rerunning in
+the same work directory must use the same record, except for fields that only change sampling or
+logging (``free_fields``, dotted names such as ``"diffusion.num_samples"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from fields.cli import UserError
+
+CONFIG_NAME = "config.json"
+
+
+def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_saved_run(workdir: str, section: str, program: str) -> dict | None:
+    """``W/config.json`` as a dict, or None when absent.
+
+    Raises:
+        UserError: unreadable JSON, or a record without ``section`` (another program's run).
+    """
+    path = os.path.join(workdir, CONFIG_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get(section), dict):
+        raise UserError(f"{path} is not a {program} run config")
+    return saved
+
+
+def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iterable[str] = ()) -> None:
+    """Refuses (one-line ``UserError``) a work directory whose saved record differs from ``current``
+    outside ``free_fields``."""
+    if saved is None:
+        return
+    saved_flat, current_flat = flatten_config(saved), flatten_config(current)
+    free = set(free_fields)
+    differences = [name for name in sorted(set(saved_flat) | set(current_flat))
+                   if name not in free and saved_flat.get(name) != current_flat.get(name)]
+    if differences:
+        name = differences[0]
+        more = f"; {len(differences) - 1} more" if len(differences) > 1 else ""
+        raise UserError(f"{workdir} holds a run with a different config ({name}: {saved_flat.get(name)!r} there, "
+                        f"{current_flat.get(name)!r} now{more}); use another --workdir")
+
+
+def write_run(workdir: str, current: dict) -> None:
+    """Saves ``W/config.json`` atomically."""
+    path = os.path.join(workdir, CONFIG_NAME)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(current, handle, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def write_sample_grid(path: str, matrix: np.ndarray, dataset) -> bool:
+    """Renders image fields ``matrix [n, P]`` (raw weights laid out like ``dataset``: anything with
+    ``field_kind``, ``field_config``, ``param_map`` and ``metadata``) into a grid PNG at ``path``.
+
+    Returns False (nothing written) for kinds without image renders or an unknown image size.
+    """
+    from hypernets.rendering import IMAGE_KINDS, RenderSettings, render_fields, save_grid
+
+    metadata = dataset.metadata
+    if dataset.field_kind not in IMAGE_KINDS or "image_height" not in metadata or "image_width" not in metadata:
+        return False
+    renders = render_fields(matrix, dataset.field_kind, dataset.field_config, dataset.param_map, metadata,
+                            RenderSettings(), where=path)
+    save_grid(path, renders.previews, columns=max(1, math.ceil(math.sqrt(len(matrix)))))
+    return True
