@@ -122,6 +122,12 @@ PRESETS: dict[str, AutoregressiveConfig] = {
         loop=LoopConfig(steps=20000, batch_size=32, learning_rate=3e-4, warmup_steps=500, ema_decay=0.999,
                         checkpoint_every=1000, eval_every=1000),
         width=192, depth=6, num_heads=6, dropout=0.1, num_samples=64),
+    # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py).
+    #   python -m hypernets.autoregressive --data data/tokens/fmnist_fp8 --workdir runs/ar-cpu --preset cpu
+    "cpu": AutoregressiveConfig(
+        loop=LoopConfig(steps=1000, batch_size=8, learning_rate=1e-3, warmup_steps=100, ema_decay=0.99,
+                        checkpoint_every=200, eval_every=500),
+        width=64, depth=2, num_heads=4, num_samples=64),
     # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional.
     # Expected: recognisable class-conditional samples; not yet measured.
     #   python -m hypernets.autoregressive --data data/tokens/fmnist_fp8 --workdir runs/ar --class-conditional

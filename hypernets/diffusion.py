@@ -120,6 +120,13 @@ PRESETS: dict[str, DiffusionConfig] = {
         loop=LoopConfig(steps=20000, batch_size=64, learning_rate=3e-4, warmup_steps=500, ema_decay=0.999,
                         checkpoint_every=1000, eval_every=1000),
         chunk_size=32, width=192, depth=6, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
+    # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); ~1.6k-weight image fields.
+    #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion-cpu --preset cpu
+    "cpu": DiffusionConfig(
+        loop=LoopConfig(steps=3000, batch_size=64, learning_rate=5e-4, warmup_steps=200, ema_decay=0.999,
+                        checkpoint_every=500, eval_every=1000),
+        chunk_size=32, width=128, depth=4, num_heads=4, num_timesteps=1000, sample_steps=50, sampler="ddim",
+        num_samples=64),
     # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional with guidance.
     # Expected: recognisable class-conditional samples; not yet measured.
     #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion --class-conditional \

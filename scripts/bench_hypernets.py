@@ -54,10 +54,17 @@ def encode(work: str, split: str, num: int, seed: int) -> str:
 
 
 def steps_for_budget(module: str, arguments: list[str], probe_dir: str, minutes: float, probe_steps: int) -> int:
-    """Times ``probe_steps`` steps (after a first run that compiles) and scales to ``minutes``."""
-    run(module, *arguments, "--workdir", probe_dir + "_compile", "--steps", "2", "--num-samples", "2")
-    seconds = run(module, *arguments, "--workdir", probe_dir, "--steps", str(probe_steps), "--num-samples", "2")
-    return max(probe_steps, int(probe_steps * minutes * 60.0 / seconds))
+    """Trains ``probe_steps`` steps and scales the steady rate (from ``history.jsonl``'s cumulative
+    seconds, first logged row to last, so compilation is left out) to ``minutes``."""
+    run(module, *arguments, "--workdir", probe_dir, "--steps", str(probe_steps), "--num-samples", "2")
+    with open(os.path.join(probe_dir, "history.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    rows = [row for row in rows if "seconds" in row and "loss" in row]
+    if len(rows) < 2:
+        raise SystemExit(f"{probe_dir}: the probe logged fewer than 2 rows; raise --probe-steps")
+    rate = (rows[-1]["step"] - rows[0]["step"]) / max(rows[-1]["seconds"] - rows[0]["seconds"], 1e-9)
+    print(f"# {module}: {rate:.2f} steps/s", flush=True)
+    return max(probe_steps, int(rate * minutes * 60.0))
 
 
 def train_and_evaluate(name: str, module: str, arguments: list[str], args, reference: str, train_fields: str) -> dict:
@@ -88,10 +95,10 @@ def main() -> None:
     parser.add_argument("--train-num", type=int, default=2048)
     parser.add_argument("--test-num", type=int, default=512)
     parser.add_argument("--num-samples", type=int, default=256)
-    parser.add_argument("--probe-steps", type=int, default=20)
+    parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--models", default="diffusion,autoregressive")
-    parser.add_argument("--diffusion-preset", default="small")
-    parser.add_argument("--autoregressive-preset", default="small")
+    parser.add_argument("--diffusion-preset", default="cpu")
+    parser.add_argument("--autoregressive-preset", default="cpu")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
 
@@ -108,7 +115,7 @@ def main() -> None:
     if "autoregressive" in args.models:
         tokens = os.path.join(args.work, "tokens_train")
         if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
-            run("scripts.tokenize", "--fields", train_fields, "--tokenizer", "fp8", "--normalize", "section",
+            run("scripts.tokenize", "--fields", train_fields, "--tokenizer", "fp8_e4m3", "--normalize", "section",
                 "--out", tokens, "--quiet")
         report["models"]["autoregressive"] = train_and_evaluate(
             "autoregressive", "hypernets.autoregressive",

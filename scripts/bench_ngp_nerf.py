@@ -171,9 +171,10 @@ def main() -> None:
     parser.add_argument("--marks", default="1,3,10", help="wall-clock marks in minutes")
     parser.add_argument("--eval-views", type=int, default=10, help="evenly spaced test views per evaluation")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--ngp-steps", type=int, default=14000,
+    parser.add_argument("--ngp-steps", type=int, default=12500,
                         help="length of NGP's cosine learning-rate schedule: about the steps the last mark allows "
-                             "(~24 steps/s on 2 CPU cores x 600 s); past it the rate stays at its floor")
+                             "(~21 steps/s with the default preset on 2 CPU cores x 600 s); past it the rate stays "
+                             "at its floor")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--methods", default="ngp,dense")
     parser.add_argument("--ngp-final-lr-fraction", type=float,
