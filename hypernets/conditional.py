@@ -1,0 +1,1057 @@
+"""HyperFields-style conditional hypernetwork for image fields: a condition -> field weights in one forward pass.
+
+    python -m hypernets.conditional --make-teachers 512 --size 16 --workdir runs/conditional --preset cpu
+    python -m hypernets.conditional --data data/fields/primitives --workdir runs/conditional-label \
+--condition label --preset cpu
+
+The hypernetwork (``hypernets.models.conditional_hypernet``; variants ``static`` and ``dynamic``, see
+there) maps a condition -- a class label, an attribute set (shape + colour of a 2D primitive) or a
+caption read by a bag-of-words encoder learned from the dataset's own captions -- optionally with the
+primitive's layout (centre, size, rotation), to the weights of an Instant-NGP image field.
+
+Training is distillation from teacher fields: every step samples ``pixels_per_field`` random pixel
+centres per field of the batch, renders the generated (student) field and the teacher field there
+and takes the mean squared difference (the render loss), plus ``weight_loss`` times the mean squared
+error of the normalised weights (optional; MLP permutation symmetry makes exact weights a poor target).
+
+Teachers: ``--data FIELDS`` (a dataset made by ``python -m fields.encode_dataset``; label = shape for
+``procedural:primitives``, whose attributes, captions and layouts are recovered from the source ids),
+or ``--make-teachers N --size S``, which fits N procedural primitives itself and writes them with
+``shape``, ``colour``, ``caption`` and layout columns to ``W/teachers/teachers.parquet``.
+
+Zero-shot test: colour-shape pairs selected by a deterministic rule (``pair_is_held_out``) are held
+out of training. After training, the fields of held-out items are generated in one forward pass and
+scored by render PSNR against the true procedural images (beside two baselines that ignore the
+condition: the mean training render and the best single training teacher); then each is finetuned
+with the teacher's own fitting step (``fields.image_fitting.train_chunk_function``) from the
+generated weights and from a fresh initialisation, counting the steps to reach the teacher's PSNR
+(capped at the teacher's step count). ``W/zero_shot.json`` holds the numbers, ``W/zero_shot.png``
+rows of true | generated | teacher.
+
+A run is a config and a work directory (``W/config.json``); rerunning the same command resumes.
+NeRF fields are not supported yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
+from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.weights import NORMALIZATION_MODES, ParamEntry, flatten_params, matrix_to_params, param_count
+from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.models.conditional_hypernet import (
+    CONDITION_KEYS,
+    CONDITION_KINDS,
+    FIRST_WORD,
+    LAYOUT_HARMONICS,
+    PAD_WORD,
+    UNKNOWN_WORD,
+    VARIANTS,
+    ConditionalHypernet,
+    ConditionSpec,
+    TensorSpec,
+    count_parameters,
+    denormalize,
+    mlp_kernel_specs,
+    tensor_specs,
+    vector_to_field_params,
+)
+from hypernets.runs import check_run, read_saved_run, write_run
+
+SECTION = "conditional"
+PROGRAM = "hypernets.conditional"
+TEACHERS_DIRECTORY = "teachers"
+TEACHERS_SHARD = "teachers.parquet"
+PROCEDURAL_SOURCE = "procedural:primitives"
+LAYOUT_COLUMNS = ("centre_x", "centre_y", "radius", "angle")
+FIELDS_PER_FIT = 256
+BASELINE_ROWS = 256  # training teachers the condition-free baselines of the zero-shot report use
+# Fields that may differ between runs in one work directory (evaluation extent, logging, devices).
+RERUN_FREE_FIELDS = ("zero_shot_items", "finetune_check_every", "loop.wandb", "loop.num_devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionalConfig:
+    """A conditional hypernetwork, its distillation objective and its zero-shot test.
+
+    Attributes:
+        loop: the training loop (steps, batch size, optimiser, EMA, checkpoints).
+        condition: ``"label"``, ``"attributes"`` (shape + colour) or ``"caption"``.
+        layout: also condition on the primitive's centre, size and rotation (procedural primitives
+            vary in all three, so without them a condition names a family of images, not one image).
+        variant: ``"static"`` (context -> all weights) or ``"dynamic"`` (MLP layers generated one
+            after the other from the activation statistics of the previous generated layer).
+        width, depth: hypernetwork width and residual trunk blocks.
+        chunk_size, chunk_embedding: hash-table chunk length and chunk position-embedding size.
+        probe_grid: probe positions per axis of the dynamic variant.
+        pixels_per_field: random pixel centres rendered per field and step for the render loss.
+        weight_loss: weight of the normalised-weight regression term (0: render loss only).
+        normalization: per-``"tensor"`` or per-``"section"`` normalisation of the generated weights.
+        holdout_modulus: colour-shape pair ``(s, c)`` (indices in ``SHAPES_2D`` / ``PALETTE``) is held
+            out when ``(3 * s + c) % holdout_modulus == 0``; datasets without attributes hold out a
+            ``1 / holdout_modulus`` fraction of sources by hash instead.
+        zero_shot_items: held-out items generated, scored and finetuned at the end.
+        finetune_check_every: finetuning steps between PSNR checks (the granularity of step counts).
+        backend: hash-grid backend for teachers, students and finetuning (``jax``, ``kernel``, ``auto``).
+    """
+
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    condition: str = "attributes"
+    layout: bool = True
+    variant: str = "dynamic"
+    width: int = 256
+    depth: int = 2
+    chunk_size: int = 64
+    chunk_embedding: int = 32
+    probe_grid: int = 8
+    pixels_per_field: int = 256
+    weight_loss: float = 0.0
+    normalization: str = "tensor"
+    holdout_modulus: int = 7
+    zero_shot_items: int = 16
+    finetune_check_every: int = 10
+    backend: str = "jax"
+
+    def __post_init__(self):
+        from fields.models.hash_grid import BACKENDS
+
+        for name in ("width", "depth", "chunk_size", "chunk_embedding", "probe_grid", "pixels_per_field",
+                     "finetune_check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_shot_items < 0:
+            raise ValueError(f"zero_shot_items must be >= 0, got {self.zero_shot_items}")
+        if self.holdout_modulus < 2:
+            raise ValueError(f"holdout_modulus must be >= 2, got {self.holdout_modulus}")
+        if self.weight_loss < 0:
+            raise ValueError(f"weight_loss must be >= 0, got {self.weight_loss}")
+        choices = {"condition": CONDITION_KINDS, "variant": VARIANTS, "normalization": NORMALIZATION_MODES,
+                   "backend": BACKENDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+PRESETS: dict[str, ConditionalConfig] = {
+    # Test-sized: a few dozen steps on ~12 teacher fields of 8x8 or 16x16, seconds on a CPU; the render loss falls.
+    #   python -m hypernets.conditional --make-teachers 12 --size 8 --teacher-steps 30 --workdir W --preset tiny
+    "tiny": ConditionalConfig(
+        loop=LoopConfig(steps=30, batch_size=4, learning_rate=3e-3, warmup_steps=2, ema_decay=0.0, log_every=5,
+                        checkpoint_every=100),
+        width=32, depth=1, chunk_size=32, chunk_embedding=8, probe_grid=4, pixels_per_field=64,
+        holdout_modulus=4, zero_shot_items=2, finetune_check_every=5),
+    # CPU-sized (minutes on 2 cores): 512 teachers of 16x16 (ngp "small" fields, ~1.6k weights each).
+    # Expected: held-out render PSNR above both condition-free baselines of zero_shot.json and fewer finetuning
+    # steps from the generated weights than from scratch; not yet measured.
+    #   python -m hypernets.conditional --make-teachers 512 --size 16 --workdir runs/conditional-cpu --preset cpu
+    "cpu": ConditionalConfig(
+        loop=LoopConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+                        log_every=50, checkpoint_every=500),
+        width=256, depth=2, chunk_size=64, chunk_embedding=32, probe_grid=8, pixels_per_field=256,
+        zero_shot_items=16, finetune_check_every=10),
+    # One GPU: thousands of 28x28 teachers. Expected: as "cpu", sharper; not yet measured.
+    #   python -m hypernets.conditional --make-teachers 4096 --size 28 --workdir runs/conditional --preset default
+    "default": ConditionalConfig(
+        loop=LoopConfig(steps=30000, batch_size=64, learning_rate=5e-4, warmup_steps=1000, ema_decay=0.999,
+                        log_every=100, checkpoint_every=2500),
+        width=512, depth=4, chunk_size=128, chunk_embedding=64, probe_grid=16, pixels_per_field=512,
+        zero_shot_items=32, finetune_check_every=10),
+}
+
+
+# ------------------------------------------------------------------------------------------- teachers
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """What ``--make-teachers`` fits: ``num`` procedural primitives of ``size``x``size`` (generator ``seed``),
+    ngp fields of the image preset ``preset`` for ``steps`` steps (0: the preset's)."""
+
+    num: int
+    size: int = 16
+    steps: int = 0
+    preset: str = "small"
+    seed: int = 0
+
+
+_PROCEDURAL_ID = re.compile(r"^primitives/(-?\d+)/(\d+)$")
+
+
+def procedural_item(source_id: str) -> tuple[int, int] | None:
+    """``(generator seed, index)`` of a ``primitives/SEED/INDEX`` source id, else None."""
+    match = _PROCEDURAL_ID.match(source_id)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def primitive_description(index: int, seed: int) -> dict[str, Any]:
+    """Attributes and layout of procedural primitive ``index`` of generator ``seed``.
+
+    The layout (``centre_x``, ``centre_y``, ``radius`` as fractions of the image side, ``angle`` in
+    radians; x to the right, y down) is recovered by replaying the random draws of
+    ``fields.data.procgen_2d.primitive_image``, which does not return it; the replayed shape and colour
+    are checked against the image's attributes.
+
+    Returns:
+        ``{"shape", "colour", "caption", "label", "centre_x", "centre_y", "radius", "angle"}``.
+    """
+    from fields.data.procgen_2d import SHAPES_2D, primitive_image
+    from fields.data.procgen_3d import PALETTE
+
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(len(SHAPES_2D)))
+    colour = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+    radius = float(rng.uniform(0.22, 0.4))
+    centre_x = float(rng.uniform(radius, 1.0 - radius))
+    centre_y = float(rng.uniform(radius, 1.0 - radius))
+    angle = float(rng.uniform(0.0, 2.0 * math.pi))
+    _, image_label, attributes = primitive_image(index, seed, 4)
+    if image_label != label or attributes["colour"] != colour:
+        raise UserError("fields.data.procgen_2d.primitive_image changed its random draws; update "
+                        "hypernets.conditional.primitive_description")
+    return {"shape": attributes["shape"], "colour": colour, "caption": attributes["caption"], "label": label,
+            "centre_x": centre_x, "centre_y": centre_y, "radius": radius, "angle": angle}
+
+
+def layout_features(layouts: np.ndarray) -> np.ndarray:
+    """``[N, 4]`` (centre_x, centre_y, radius, angle) -> ``[N, LAYOUT_FEATURES]`` float32: centre and radius,
+    then ``cos(k * angle), sin(k * angle)`` for ``k = 1..LAYOUT_HARMONICS`` (covers 2- to 5-fold symmetric shapes)."""
+    layouts = np.asarray(layouts, np.float64)
+    harmonics = np.arange(1, LAYOUT_HARMONICS + 1, dtype=np.float64)
+    angles = layouts[:, 3:4] * harmonics[None, :]
+    return np.concatenate([layouts[:, :3], np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def stacked_params_to_matrix(params: dict, pmap: list[ParamEntry]) -> np.ndarray:
+    """Params whose leaves have a leading field axis ``[N, ...]`` -> matrix ``[N, P]`` float32."""
+    flat = flatten_params(params)
+    count = int(np.shape(flat[pmap[0].name])[0])
+    return np.concatenate([np.asarray(flat[entry.name], np.float32).reshape(count, entry.size) for entry in pmap],
+                          axis=1)
+
+
+def make_teachers(directory: str, spec: TeacherSpec, backend: str, progress: bool = True) -> str:
+    """Fits ``spec.num`` procedural primitives with ``fields.image_fitting.fit_image_batch`` and writes them
+    as a dataset of fields with ``shape``, ``colour``, ``caption`` and layout columns; returns its path.
+    An existing shard (a resumed run) is kept."""
+    from fields.config import resolve_preset
+    from fields.data.procgen_2d import primitive_image
+    from fields.field_datasets import write_shard
+    from fields.image_fitting import PRESETS as IMAGE_PRESETS
+    from fields.image_fitting import fit_image_batch
+    from fields.weights import param_map
+
+    path = os.path.join(directory, TEACHERS_SHARD)
+    if os.path.exists(path):
+        return path
+    overrides = {"backend": backend, "steps": spec.steps or None}
+    fit_config = resolve_preset(IMAGE_PRESETS, spec.preset, overrides, "ngp image preset")
+    fit_config = dataclasses.replace(fit_config, field=dataclasses.replace(fit_config.field, output_dim=3))
+    descriptions = [primitive_description(index, spec.seed) for index in range(spec.num)]
+    images = np.stack([primitive_image(index, spec.seed, spec.size)[0] for index in range(spec.num)])
+    field_seeds = [spec.seed + index for index in range(spec.num)]
+    matrices, psnrs, pmap = [], [], None
+    for start in range(0, spec.num, FIELDS_PER_FIT):
+        stop = min(start + FIELDS_PER_FIT, spec.num)
+        if progress:
+            print(f"fitting teachers {start}..{stop - 1} of {spec.num} ({fit_config.steps} steps each)")
+        try:
+            result = fit_image_batch(images[start:stop], fit_config, field_seeds[start:stop])
+        except FloatingPointError as error:
+            raise UserError(f"teacher fitting failed: {error}") from None
+        if pmap is None:
+            pmap = param_map(jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[0]), result.params))
+        matrices.append(stacked_params_to_matrix(result.params, pmap))
+        psnrs.extend(float(value) for value in result.psnr)
+    columns = {
+        "source_id": [f"primitives/{spec.seed}/{index}" for index in range(spec.num)],
+        "label": [item["label"] for item in descriptions],
+        "psnr": psnrs,
+        "seed": field_seeds,
+        "steps": [fit_config.steps] * spec.num,
+        **{name: [item[name] for item in descriptions] for name in ("shape", "colour", "caption")},
+        **{name: [float(item[name]) for item in descriptions] for name in LAYOUT_COLUMNS},
+    }
+    extra = {"image_height": spec.size, "image_width": spec.size, "source": PROCEDURAL_SOURCE,
+             "fit": config_to_dict(fit_config), "generator": PROGRAM}
+    write_shard(path, np.concatenate(matrices), columns, fit_config.field.field_kind,
+                config_to_dict(fit_config.field), pmap, extra_schema_metadata=extra)
+    print(f"wrote {spec.num} teacher fields to {path} (mean PSNR {np.mean(psnrs):.2f} dB)")
+    return path
+
+
+@dataclasses.dataclass
+class TeacherData:
+    """The teacher fields of a run and what is known about each (rows in dataset order).
+
+    Attributes:
+        path: the dataset.
+        matrix: ``[N, P]`` raw teacher weights.
+        param_map: their layout.
+        field_config: the shared ``NGPFieldConfig``.
+        fit_config: the ``ImageFitConfig`` that fitted them (finetuning reuses its optimiser and batch).
+        height, width: image size.
+        source_ids: ``[N]``.
+        labels: ``[N]`` int32 (-1 unknown).
+        shapes, colours, captions: ``[N]`` strings, or None when unknown.
+        layouts: ``[N, 4]`` (centre_x, centre_y, radius, angle), or None.
+        procedural: ``[N]`` ``(generator seed, index)`` of each row's procedural image, or None.
+        steps: ``[N]`` int64 steps each teacher was fitted for.
+        seeds: ``[N]`` int64 each teacher's seed.
+    """
+
+    path: str
+    matrix: np.ndarray
+    param_map: list[ParamEntry]
+    field_config: Any
+    fit_config: Any
+    height: int
+    width: int
+    source_ids: list[str]
+    labels: np.ndarray
+    shapes: list[str] | None
+    colours: list[str] | None
+    captions: list[str] | None
+    layouts: np.ndarray | None
+    procedural: list[tuple[int, int]] | None
+    steps: np.ndarray
+    seeds: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def true_images(self, rows: np.ndarray) -> np.ndarray | None:
+        """``[n, H, W, 3]`` procedural images of ``rows``, or None when the images are not procedural."""
+        from fields.data.procgen_2d import primitive_image
+
+        if self.procedural is None or self.height != self.width or self.field_config.output_dim != 3:
+            return None
+        if not len(rows):
+            return np.zeros((0, self.height, self.width, 3), np.float32)
+        return np.stack([primitive_image(self.procedural[row][1], self.procedural[row][0], self.height)[0]
+                         for row in rows]).astype(np.float32)
+
+
+def check_field_kind(kind: str, where: str) -> None:
+    """One-line ``UserError`` unless ``kind`` is ``ngp_image`` (NeRF fields: "not supported yet")."""
+    from hypernets.rendering import NERF_KINDS
+
+    if kind in NERF_KINDS:
+        raise UserError(f"{where}: conditional hypernetworks for NeRF fields ({kind}) are not supported yet; "
+                        "use image fields (ngp_image)")
+    if kind != "ngp_image":
+        raise UserError(f"{where}: hypernets.conditional generates ngp_image fields; {kind!r} fields are not "
+                        "supported yet")
+
+
+def dataset_field_kind(path: str) -> str:
+    """The ``field_kind`` of a dataset of fields, from its shard headers only (one-line ``UserError`` for a
+    missing path, a token dataset or a file that is not a dataset of fields)."""
+    import pyarrow.parquet as pq
+
+    from fields.field_datasets import validate_shards
+
+    shards = validate_shards(path)
+    metadata = pq.read_schema(shards[0]).metadata or {}
+    return metadata.get(b"field_kind", b"").decode("utf-8", "replace")
+
+
+def teacher_fit_config(metadata: dict, path: str, field_config, backend: str):
+    """The ``ImageFitConfig`` the teachers were fitted with: the dataset's ``fit`` metadata, else the ``fit``
+    entry of the folder's ``field_config.json`` (``fields.encode_dataset``), else the ngp ``small`` preset."""
+    from fields.image_fitting import PRESETS as IMAGE_PRESETS
+    from fields.image_fitting import ImageFitConfig
+
+    values = metadata.get("fit")
+    manifest = os.path.join(path, "field_config.json")
+    if values is None and os.path.isdir(path) and os.path.exists(manifest):
+        try:
+            with open(manifest) as handle:
+                values = json.load(handle).get("fit")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            values = None
+    if isinstance(values, dict):
+        try:
+            config = config_from_dict(ImageFitConfig, values, f"{path}: fit")
+        except ConfigError as error:
+            raise UserError(str(error)) from None
+    else:
+        config = IMAGE_PRESETS["small"]
+    return dataclasses.replace(config, field=field_config, backend=backend)
+
+
+def _string_column(columns: dict, name: str, count: int) -> list[str] | None:
+    if name not in columns:
+        return None
+    values = [("" if value is None else str(value)) for value in columns[name]]
+    return values if len(values) == count and all(values) else None
+
+
+def load_teachers(path: str, backend: str) -> TeacherData:
+    """Reads a dataset of teacher fields and recovers what is known about each row.
+
+    Attributes, captions and layouts come from the ``shape``/``colour``/``caption``/layout columns when
+    present, else from ``primitives/SEED/INDEX`` source ids of a ``procedural:primitives`` dataset.
+
+    Raises:
+        UserError: not a dataset of fields, NeRF or other non-``ngp_image`` fields, no image size,
+            fewer than two fields, or non-finite weights.
+    """
+    from fields.field_datasets import read_dataset
+    from fields.image_fitting import field_config_from_dict
+    from hypernets.rendering import image_size
+
+    dataset = read_dataset(path)
+    check_field_kind(dataset.field_kind, path)
+    field_config = field_config_from_dict(dataset.field_kind, dataset.field_config, f"{path}: field_config")
+    height, width = image_size(dataset.metadata, path)
+    count = len(dataset)
+    if count < 2:
+        raise UserError(f"{path} holds {count} field(s); distillation needs at least 2")
+    total = param_count(dataset.param_map)
+    try:
+        mlp_kernel_specs(tensor_specs(dataset.param_map, np.zeros(total), np.ones(total)))
+    except ValueError as error:
+        raise UserError(f"{path}: not an Instant-NGP image field layout ({error})") from None
+    finite = np.all(np.isfinite(dataset.matrix), axis=1)
+    if not np.all(finite):
+        raise UserError(f"{path}: {int(np.sum(~finite))} field(s) hold NaN or infinite weights "
+                        f"(first: row {int(np.flatnonzero(~finite)[0])})")
+    columns = dataset.columns
+    source_ids = [str(value) for value in columns.get("source_id", [""] * count)]
+    labels = np.asarray(columns["label"]).astype(np.int32) if "label" in columns else np.full(count, -1, np.int32)
+    procedural = None
+    if dataset.metadata.get("source") == PROCEDURAL_SOURCE:
+        items = [procedural_item(source_id) for source_id in source_ids]
+        procedural = items if all(item is not None for item in items) else None
+    descriptions = [primitive_description(index, seed) for seed, index in procedural] if procedural else None
+
+    def described(name: str) -> list[str] | None:
+        found = _string_column(columns, name, count)
+        if found is None and descriptions is not None:
+            found = [item[name] for item in descriptions]
+        return found
+
+    if all(name in columns for name in LAYOUT_COLUMNS):
+        layouts = np.stack([np.asarray(columns[name], np.float64) for name in LAYOUT_COLUMNS], axis=1)
+    elif descriptions is not None:
+        layouts = np.asarray([[item[name] for name in LAYOUT_COLUMNS] for item in descriptions], np.float64)
+    else:
+        layouts = None
+    fit_config = teacher_fit_config(dataset.metadata, path, field_config, backend)
+    steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
+    steps = np.where(steps > 0, steps, fit_config.steps)
+    seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else np.arange(count, dtype=np.int64)
+    seeds = np.where(seeds >= 0, seeds, np.arange(count, dtype=np.int64))  # unknown seeds (-1): the row number
+    return TeacherData(path, dataset.matrix, list(dataset.param_map), field_config, fit_config, height, width,
+                       source_ids, labels, described("shape"), described("colour"), described("caption"), layouts,
+                       procedural, steps, seeds)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def _attribute_index(value: str, known: list[str]) -> int:
+    """Index of ``value`` in ``known``, or a stable hash for names outside it."""
+    if value in known:
+        return known.index(value)
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big")
+
+
+def pair_is_held_out(shape: str, colour: str, modulus: int) -> bool:
+    """The zero-shot rule: the colour-shape pair is held out when ``(3 * s + c) % modulus == 0``, with ``s`` and
+    ``c`` the indices of the shape in ``SHAPES_2D`` and of the colour in ``PALETTE`` (a stable hash for other
+    names). Every shape keeps training colours and every colour training shapes (for ``modulus >= 2``)."""
+    from fields.data.procgen_2d import SHAPES_2D
+    from fields.data.procgen_3d import PALETTE
+
+    shape_index = _attribute_index(shape, list(SHAPES_2D))
+    colour_index = _attribute_index(colour, list(PALETTE))
+    return (3 * shape_index + colour_index) % modulus == 0
+
+
+def held_out_mask(teachers: TeacherData, modulus: int, seed: int) -> tuple[np.ndarray, str]:
+    """``([N] bool, rule)``: True for the held-out rows (colour-shape pairs by ``pair_is_held_out``, or a
+    ``1 / modulus`` fraction of sources by hash when the dataset has no attributes).
+
+    Raises:
+        UserError: every row would be held out.
+    """
+    from hypernets.datasets import split_by_source
+
+    if teachers.shapes is not None and teachers.colours is not None:
+        mask = np.asarray([pair_is_held_out(shape, colour, modulus)
+                           for shape, colour in zip(teachers.shapes, teachers.colours, strict=True)], bool)
+        rule = f"colour-shape pairs with (3 * shape_index + colour_index) % {modulus} == 0 held out"
+    else:
+        mask = split_by_source(teachers.source_ids, 1.0 / modulus, seed)
+        rule = f"no attributes: sources held out by hash (fraction 1/{modulus})"
+    if np.all(mask):
+        raise UserError(f"{teachers.path}: every field falls in a held-out colour-shape pair; use more teachers")
+    return mask, rule
+
+
+# ------------------------------------------------------------------------------------------- conditions
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-case words (letters and digits) of a caption."""
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def encode_captions(captions: list[str], words: list[str], length: int | None = None) -> np.ndarray:
+    """Captions -> word ids ``[N, length]`` int32: ``FIRST_WORD + index`` in ``words``, ``UNKNOWN_WORD`` for
+    other words, ``PAD_WORD`` after the end (``length``: the longest caption's word count, at least 1)."""
+    index = {word: FIRST_WORD + position for position, word in enumerate(words)}
+    tokenized = [[index.get(word, UNKNOWN_WORD) for word in caption_words(caption)] for caption in captions]
+    length = length or max([len(ids) for ids in tokenized] + [1])
+    ids = np.full((len(captions), length), PAD_WORD, np.int32)
+    for row, row_ids in enumerate(tokenized):
+        ids[row, :len(row_ids[:length])] = row_ids[:length]
+    return ids
+
+
+@dataclasses.dataclass
+class ConditionData:
+    """Model inputs of every row and the vocabulary they were built with.
+
+    Attributes:
+        spec: what the encoder reads.
+        arrays: ``{key: [N, ...]}`` for the keys of ``CONDITION_KEYS`` the condition uses.
+        vocabulary: JSON-able ``{"classes" | "shapes" + "colours" | "words": ...}`` (from the training rows).
+    """
+
+    spec: ConditionSpec
+    arrays: dict[str, np.ndarray]
+    vocabulary: dict
+
+    def rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[rows] for name, array in self.arrays.items()}
+
+
+def build_conditions(kind: str, use_layout: bool, teachers: TeacherData, train_rows: np.ndarray) -> ConditionData:
+    """The condition inputs of every teacher row; vocabularies come from ``train_rows`` only.
+
+    Raises:
+        UserError: the dataset lacks what the condition needs (labels, attributes, captions or layouts).
+    """
+    where = teachers.path
+    arrays: dict[str, np.ndarray] = {}
+    if kind == "label":
+        train_labels = teachers.labels[train_rows]
+        if not np.any(train_labels >= 0):
+            raise UserError(f"{where}: --condition label needs labels, but every training label is -1")
+        num_classes = int(train_labels.max()) + 1
+        arrays["labels"] = teachers.labels.astype(np.int32)
+        vocabulary: dict = {"classes": num_classes}
+        spec = ConditionSpec("label", num_classes=num_classes, use_layout=use_layout)
+    elif kind == "attributes":
+        if teachers.shapes is None or teachers.colours is None:
+            raise UserError(f"{where}: --condition attributes needs 'shape' and 'colour' columns (or "
+                            f"{PROCEDURAL_SOURCE} source ids); this dataset has neither")
+        shapes = sorted({teachers.shapes[row] for row in train_rows})
+        colours = sorted({teachers.colours[row] for row in train_rows})
+        arrays["shape_ids"] = np.asarray([1 + shapes.index(value) if value in shapes else 0
+                                          for value in teachers.shapes], np.int32)
+        arrays["colour_ids"] = np.asarray([1 + colours.index(value) if value in colours else 0
+                                           for value in teachers.colours], np.int32)
+        vocabulary = {"shapes": shapes, "colours": colours}
+        spec = ConditionSpec("attributes", num_shapes=len(shapes), num_colours=len(colours), use_layout=use_layout)
+    else:
+        if teachers.captions is None:
+            raise UserError(f"{where}: --condition caption needs a 'caption' column (or {PROCEDURAL_SOURCE} "
+                            "source ids); this dataset has neither")
+        words = sorted({word for row in train_rows for word in caption_words(teachers.captions[row])})
+        arrays["words"] = encode_captions(teachers.captions, words)
+        vocabulary = {"words": words}
+        spec = ConditionSpec("caption", vocab_size=FIRST_WORD + len(words), use_layout=use_layout)
+    if use_layout:
+        if teachers.layouts is None:
+            raise UserError(f"{where}: layout conditioning needs {', '.join(LAYOUT_COLUMNS)} columns (or "
+                            f"{PROCEDURAL_SOURCE} source ids); use --no-layout")
+        arrays["layout"] = layout_features(teachers.layouts)
+    return ConditionData(spec, arrays, vocabulary)
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+
+@dataclasses.dataclass
+class ConditionalTask:
+    """Distillation for ``hypernets.loop.train``: batches hold the condition inputs, ``teacher`` ``[B, P]`` raw
+    teacher weights and ``target`` ``[B, P]`` their normalised copy.
+
+    Attributes:
+        model: the hypernetwork (normalised weights out).
+        field_model: the field module (``NGPField``) that renders a params pytree at positions.
+        specs: the field's tensors (layout and normalisation).
+        height, width: image size (pixel centres are sampled on this grid).
+        pixels_per_field: pixels rendered per field and step.
+        weight_loss: weight of the normalised-weight regression term.
+        compiled_generate: ``make_generator``'s jitted function, made on first use.
+    """
+
+    model: ConditionalHypernet
+    field_model: Any
+    specs: tuple[TensorSpec, ...]
+    height: int
+    width: int
+    pixels_per_field: int
+    weight_loss: float = 0.0
+    compiled_generate: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def init(self, key: jax.Array, batch: dict[str, jax.Array]) -> Any:
+        return self.model.init(key, condition_inputs(batch))["params"]
+
+    def generate(self, params: Any, conditions: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """``(normalised, raw)`` weights ``[B, P]`` for the conditions."""
+        normalized = self.model.apply({"params": params}, conditions)
+        return normalized, denormalize(normalized, self.specs)
+
+    def render_points(self, vector: jax.Array, positions: jax.Array) -> jax.Array:
+        """One field's raw weights ``[P]`` at ``positions [R, 2]`` -> colours ``[R, channels]``."""
+        return self.field_model.apply({"params": vector_to_field_params(vector, self.specs)}, positions)
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array):
+        from fields.image_fitting import _pixel_positions
+
+        normalized, raw = self.generate(params, condition_inputs(batch))
+        batch_size = normalized.shape[0]
+        indices = jax.random.randint(key, (batch_size, self.pixels_per_field), 0, self.height * self.width,
+                                     dtype=jnp.int32)
+        positions = jax.vmap(lambda rows: _pixel_positions(rows, self.height, self.width))(indices)
+        student = jax.vmap(self.render_points)(raw, positions)
+        teacher = jax.lax.stop_gradient(jax.vmap(self.render_points)(jnp.asarray(batch["teacher"], jnp.float32),
+                                                                     positions))
+        render_loss = jnp.mean(jnp.square(student.astype(jnp.float32) - teacher.astype(jnp.float32)))
+        weight_error = jnp.mean(jnp.square(normalized - jnp.asarray(batch["target"], jnp.float32)))
+        loss = render_loss + jnp.float32(self.weight_loss) * weight_error
+        return loss, {"render_loss": render_loss, "weight_error": weight_error}
+
+
+def condition_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The condition entries of a batch (``CONDITION_KEYS`` present in it)."""
+    return {name: batch[name] for name in CONDITION_KEYS if name in batch}
+
+
+def build_task(config: ConditionalConfig, teachers: TeacherData, spec: ConditionSpec,
+               column_mean: np.ndarray, column_std: np.ndarray) -> ConditionalTask:
+    """The task for ``config`` on ``teachers`` with normalisation columns ``[P]``."""
+    specs = tensor_specs(teachers.param_map, column_mean, column_std)
+    model = ConditionalHypernet(specs=specs, field_config=teachers.field_config, condition=spec,
+                                variant=config.variant, width=config.width, depth=config.depth,
+                                chunk_size=config.chunk_size, chunk_embedding=config.chunk_embedding,
+                                probe_grid=config.probe_grid, backend=config.backend)
+    return ConditionalTask(model=model, field_model=teachers.field_config.build(config.backend), specs=specs,
+                           height=teachers.height, width=teachers.width, pixels_per_field=config.pixels_per_field,
+                           weight_loss=config.weight_loss)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def render_matrix(matrix: np.ndarray, teachers: TeacherData, backend: str) -> np.ndarray:
+    """Raw weights ``[n, P]`` -> renders ``[n, H, W, channels]`` in [0, 1] (full image, pixel centres)."""
+    from fields.image_fitting import render_batch
+
+    return render_batch(matrix_to_params(np.asarray(matrix, np.float32), teachers.param_map), teachers.field_config,
+                        teachers.height, teachers.width, backend)
+
+
+def image_psnrs(renders: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """``[n]`` float64 PSNR (dB) of each render against its reference, both ``[n, H, W, C]``."""
+    from fields import metrics
+
+    return np.asarray([metrics.psnr(render, reference) for render, reference in zip(renders, references,
+                                                                                     strict=True)], np.float64)
+
+
+def make_generator(task: ConditionalTask):
+    """``generate(params, conditions) -> raw weights [n, P]`` numpy (jitted once per task)."""
+    if task.compiled_generate is None:
+        task.compiled_generate = jax.jit(lambda params, conditions: task.generate(params, conditions)[1])
+    apply = task.compiled_generate
+    return lambda params, conditions: np.asarray(apply(params, conditions))
+
+
+def make_evaluate(task: ConditionalTask, teachers: TeacherData, conditions: ConditionData, rows: np.ndarray,
+                  backend: str):
+    """``evaluate(params, step)``: mean render PSNR of the generated held-out fields against their teachers'
+    renders (and against the true images when known); None without held-out rows."""
+    if len(rows) == 0:
+        return None
+    generate = make_generator(task)
+    inputs = conditions.rows(rows)
+    teacher_renders = render_matrix(teachers.matrix[rows], teachers, backend)
+    true_images = teachers.true_images(rows)
+
+    def evaluate(params: Any, step: int) -> dict[str, float]:
+        del step
+        renders = render_matrix(generate(params, inputs), teachers, backend)
+        results = {"heldout_psnr_vs_teacher": float(np.mean(image_psnrs(renders, teacher_renders)))}
+        if true_images is not None:
+            results["heldout_psnr_vs_true"] = float(np.mean(image_psnrs(renders, true_images)))
+        return results
+
+    return evaluate
+
+
+def initial_weights(fit_config, pmap: list[ParamEntry], seeds: np.ndarray) -> np.ndarray:
+    """Fresh field initialisations ``[n, P]``, each as ``fields.image_fitting.fit_image`` draws it for its seed."""
+    model = fit_config.field.build(fit_config.backend)
+    dummy = jnp.zeros((1, 2), jnp.float32)
+
+    @jax.jit
+    def init(seed_values):
+        def one(seed):
+            init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+            return model.init(init_key, dummy)["params"]
+
+        return jax.vmap(one)(seed_values)
+
+    return stacked_params_to_matrix(init(jnp.asarray(seeds, jnp.uint32)), pmap)
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """Steps each field needed to reach its target PSNR.
+
+    Attributes:
+        steps: ``[n]`` int64 steps (a multiple of the check interval, 0 when the start already reaches
+            the target; ``max_steps`` when it was never reached).
+        reached: ``[n]`` bool.
+        final_psnr: ``[n]`` PSNR at the end (when all fields reached their target, or at the cap).
+    """
+
+    steps: np.ndarray
+    reached: np.ndarray
+    final_psnr: np.ndarray
+
+
+@functools.lru_cache(maxsize=4)
+def _finetune_functions(fit_config, horizon: int, height: int, width: int):
+    """``(init_optimizer, train_chunk)`` jitted over a leading field axis, cached so that the runs from
+    generated and from fresh weights compile once."""
+    from fields.image_fitting import train_chunk_function
+    from fields.training import make_optimizer
+
+    model = fit_config.field.build(fit_config.backend)
+    optimizer = make_optimizer(dataclasses.replace(fit_config, steps=horizon))
+    single = train_chunk_function(model, optimizer, fit_config.batch_size, height, width)
+    return jax.jit(jax.vmap(optimizer.init)), jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)))
+
+
+def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarray, max_steps: np.ndarray,
+                   fit_config, pmap: list[ParamEntry], seeds: np.ndarray, check_every: int) -> FinetuneResult:
+    """Fits fields to ``images`` from the weights ``start`` with the teachers' own step
+    (``fields.image_fitting.train_chunk_function`` under ``vmap``, Adam on the teacher's cosine schedule, a
+    fresh optimizer state) and counts the steps until each field's render PSNR reaches its target.
+
+    Args:
+        start: ``[n, P]`` raw starting weights.
+        images: ``[n, H, W, C]`` the images to fit.
+        target_psnr: ``[n]`` dB to reach.
+        max_steps: ``[n]`` step caps (the teachers' step counts).
+        fit_config: the teachers' ``ImageFitConfig`` (optimiser, pixels per step, backend).
+        pmap: layout of ``start``.
+        seeds: ``[n]`` pixel-sampling seeds.
+        check_every: steps between PSNR checks.
+    """
+    from fields.image_fitting import render_batch
+
+    count, height, width, channels = images.shape
+    max_steps = np.asarray(max_steps, np.int64)
+    horizon = int(max_steps.max())
+    init_optimizer, train_chunk = _finetune_functions(fit_config, horizon, height, width)
+    params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(np.asarray(start, np.float32), pmap))
+    opt_state = init_optimizer(params)
+    pixels = jnp.asarray(images.reshape(count, height * width, channels), jnp.float32)
+    sample_keys = jax.vmap(lambda seed: jax.random.split(jax.random.PRNGKey(seed))[1])(
+        jnp.asarray(seeds, jnp.uint32))
+    target_psnr = np.asarray(target_psnr, np.float64)
+
+    def current_psnr(values) -> np.ndarray:
+        return image_psnrs(render_batch(values, fit_config.field, height, width, fit_config.backend), images)
+
+    psnr = current_psnr(params)
+    steps = np.where(psnr >= target_psnr, 0, -1).astype(np.int64)
+    step = 0
+    while step < horizon and np.any(steps < 0):
+        chunk = min(check_every, horizon - step)
+        params, opt_state, _ = train_chunk(params, opt_state, pixels, sample_keys, jnp.int32(step), jnp.int32(chunk))
+        step += chunk
+        psnr = current_psnr(params)
+        newly = (steps < 0) & (psnr >= target_psnr) & (step <= max_steps)
+        steps[newly] = step
+    reached = steps >= 0
+    return FinetuneResult(np.where(reached, steps, max_steps), reached, psnr)
+
+
+def retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, references: np.ndarray,
+                        backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Baselines that ignore the condition, ``([n], [n])`` dB against ``references [n, H, W, C]``: the mean
+    render of the training teachers ``train_rows``, and the best single training teacher's render (the
+    PSNR a pure memoriser with an oracle choice would reach)."""
+    renders = render_matrix(teachers.matrix[train_rows], teachers, backend).astype(np.float64)
+    mean_image = np.repeat(renders.mean(axis=0, keepdims=True), len(references), axis=0)
+    errors = np.mean(np.square(renders[None] - np.asarray(references, np.float64)[:, None]), axis=(2, 3, 4))
+    nearest = -10.0 * np.log10(np.maximum(errors.min(axis=1), 1e-20))
+    return image_psnrs(mean_image, references), nearest
+
+
+def _mean(values) -> float | None:
+    values = [float(value) for value in values]
+    return float(np.mean(values)) if values else None
+
+
+def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditions: ConditionData,
+              held_out: np.ndarray, rule: str, config: ConditionalConfig, step: int, workdir: str) -> dict:
+    """Generates, scores and finetunes up to ``config.zero_shot_items`` held-out items; writes
+    ``W/zero_shot.json`` and (with items) ``W/zero_shot.png`` (rows: true | generated | teacher).
+
+    PSNRs are against the true procedural images when known (else against the teachers' renders, and
+    ``reference`` says so). Finetuning targets each teacher's own PSNR against that reference.
+    """
+    from hypernets.rendering import image_previews, save_grid
+
+    generate = make_generator(task)
+    backend = config.backend
+    held_rows = np.flatnonzero(held_out)[:config.zero_shot_items]
+    train_rows = np.flatnonzero(~held_out)[:config.zero_shot_items]
+    report: dict[str, Any] = {"step": int(step), "rule": rule, "num_held_out": int(np.sum(held_out)),
+                              "num_training": int(np.sum(~held_out)), "num_evaluated": int(len(held_rows)),
+                              "check_every": config.finetune_check_every, "items": []}
+    true_images = teachers.true_images(np.concatenate([held_rows, train_rows]))
+    report["reference"] = "true image" if true_images is not None else "teacher render"
+    if len(train_rows):
+        train_renders = render_matrix(generate(params, conditions.rows(train_rows)), teachers, backend)
+        train_reference = (true_images[len(held_rows):] if true_images is not None
+                           else render_matrix(teachers.matrix[train_rows], teachers, backend))
+        report["mean_train_generated_psnr"] = _mean(image_psnrs(train_renders, train_reference))
+    path = os.path.join(workdir, "zero_shot.json")
+    if not len(held_rows):
+        report["note"] = ("zero_shot_items is 0" if config.zero_shot_items == 0
+                          else "no held-out items: the rule leaves none of this dataset's fields out")
+        _write_json(path, report)
+        return report
+
+    generated = generate(params, conditions.rows(held_rows))
+    teacher_matrix = teachers.matrix[held_rows]
+    teacher_renders = render_matrix(teacher_matrix, teachers, backend)
+    generated_renders = render_matrix(generated, teachers, backend)
+    reference = true_images[:len(held_rows)] if true_images is not None else teacher_renders
+    generated_psnr = image_psnrs(generated_renders, reference)
+    teacher_psnr = image_psnrs(teacher_renders, reference)
+    versus_teacher = image_psnrs(generated_renders, teacher_renders)
+    caps = teachers.steps[held_rows]
+    fit_seeds = teachers.seeds[held_rows]
+    from_generated = finetune_steps(generated, reference, teacher_psnr, caps, teachers.fit_config,
+                                    teachers.param_map, fit_seeds, config.finetune_check_every)
+    fresh_seeds = fit_seeds + 1_000_003
+    from_fresh = finetune_steps(initial_weights(teachers.fit_config, teachers.param_map, fresh_seeds), reference,
+                                teacher_psnr, caps, teachers.fit_config, teachers.param_map, fresh_seeds,
+                                config.finetune_check_every)
+    for slot, row in enumerate(held_rows):
+        item = {"row": int(row), "source_id": teachers.source_ids[row], "generated_psnr": float(generated_psnr[slot]),
+                "teacher_psnr": float(teacher_psnr[slot]), "generated_vs_teacher_psnr": float(versus_teacher[slot]),
+                "max_steps": int(caps[slot]),
+                "finetune_steps_from_generated": int(from_generated.steps[slot]),
+                "reached_from_generated": bool(from_generated.reached[slot]),
+                "finetune_steps_from_fresh": int(from_fresh.steps[slot]),
+                "reached_from_fresh": bool(from_fresh.reached[slot])}
+        for name, values in (("shape", teachers.shapes), ("colour", teachers.colours), ("caption", teachers.captions)):
+            if values is not None:
+                item[name] = values[row]
+        report["items"].append(item)
+    mean_generated_steps = _mean(from_generated.steps)
+    mean_fresh_steps = _mean(from_fresh.steps)
+    mean_baseline, nearest_baseline = retrieval_baselines(teachers, np.flatnonzero(~held_out)[:BASELINE_ROWS],
+                                                          reference, backend)
+    report.update({
+        "mean_generated_psnr": _mean(generated_psnr), "mean_teacher_psnr": _mean(teacher_psnr),
+        "mean_generated_vs_teacher_psnr": _mean(versus_teacher),
+        "baseline_mean_image_psnr": _mean(mean_baseline), "baseline_nearest_training_psnr": _mean(nearest_baseline),
+        "mean_finetune_steps_from_generated": mean_generated_steps, "mean_finetune_steps_from_fresh": mean_fresh_steps,
+        "num_reached_from_generated": int(np.sum(from_generated.reached)),
+        "num_reached_from_fresh": int(np.sum(from_fresh.reached)),
+        "finetune_steps_ratio": (mean_generated_steps / mean_fresh_steps) if mean_fresh_steps else None,
+    })
+    _write_json(path, report)
+    triples = np.stack([image_previews(reference), image_previews(generated_renders),
+                        image_previews(teacher_renders)], axis=1)
+    save_grid(os.path.join(workdir, "zero_shot.png"), triples.reshape((-1,) + triples.shape[2:]), columns=3)
+    return report
+
+
+def _write_json(path: str, values: dict) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(values, handle, indent=2)
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def resolve_config(args, saved: dict | None) -> ConditionalConfig:
+    """The preset (or, without ``--preset``, the workdir's saved config) with the command-line overrides."""
+    if args.preset is None and saved is not None:
+        try:
+            base = config_from_dict(ConditionalConfig, saved[SECTION], f"config.json: {SECTION}")
+        except ConfigError as error:
+            raise UserError(str(error)) from None
+    else:
+        name = args.preset or "default"
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    overrides = {"condition": args.condition, "variant": args.variant, "layout": args.layout,
+                 "weight_loss": args.weight_loss, "zero_shot_items": args.zero_shot_items,
+                 "backend": args.backend}
+    try:
+        loop = dataclasses.replace(base.loop, **loop_overrides(args))
+        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None
+
+
+def resolve_source(args, saved: dict | None) -> tuple[str | None, TeacherSpec | None]:
+    """``(data path, None)`` for ``--data``, ``(None, TeacherSpec)`` for ``--make-teachers``, or the saved run's."""
+    if args.data is not None and args.make_teachers is not None:
+        raise UserError("give either --data FIELDS or --make-teachers N, not both")
+    if args.make_teachers is None:
+        for flag, value in (("--size", args.size), ("--teacher-steps", args.teacher_steps),
+                            ("--teacher-preset", args.teacher_preset)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --make-teachers")
+    if args.data is not None:
+        return os.path.abspath(args.data), None
+    if args.make_teachers is not None:
+        if args.make_teachers < 2:
+            raise UserError(f"--make-teachers needs at least 2 fields, got {args.make_teachers}")
+        size = 16 if args.size is None else args.size
+        if size < 2:
+            raise UserError(f"--size must be >= 2, got {size}")
+        if args.teacher_steps is not None and args.teacher_steps < 1:
+            raise UserError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")
+        return None, TeacherSpec(num=args.make_teachers, size=size, steps=args.teacher_steps or 0,
+                                 preset=args.teacher_preset or "small")
+    if saved is not None and saved.get("data"):
+        return str(saved["data"]), None
+    if saved is not None and isinstance(saved.get("teachers"), dict):
+        try:
+            return None, TeacherSpec(**saved["teachers"])
+        except TypeError:
+            raise UserError(f"{args.workdir}/config.json: malformed teachers entry") from None
+    raise UserError("give --data FIELDS (a dataset of ngp_image fields) or --make-teachers N")
+
+
+def run_record(data: str | None, teachers: TeacherSpec | None, config: ConditionalConfig) -> dict:
+    """What ``W/config.json`` holds."""
+    return {"data": data, "teachers": dataclasses.asdict(teachers) if teachers is not None else None,
+            SECTION: config_to_dict(config)}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=f"python -m {PROGRAM}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="dataset of ngp_image teacher fields (a .parquet shard or a folder)")
+    parser.add_argument("--make-teachers", type=int, metavar="N",
+                        help="fit N procedural primitives as teachers (with shape, colour, caption) into W/teachers")
+    parser.add_argument("--size", type=int, help="--make-teachers: image side in pixels (default 16)")
+    parser.add_argument("--teacher-steps", type=int, help="--make-teachers: fitting steps (default: the preset's)")
+    parser.add_argument("--teacher-preset", help="--make-teachers: fields.image_fitting preset (default small)")
+    parser.add_argument("--workdir", required=True, help="run directory (config, checkpoints, zero-shot results)")
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the workdir's saved config, "
+                                         "else default)")
+    parser.add_argument("--condition", choices=CONDITION_KINDS, help="what the hypernetwork is conditioned on")
+    parser.add_argument("--variant", choices=VARIANTS, help="static or dynamic (HyperFields) hypernetwork")
+    parser.add_argument("--layout", action=argparse.BooleanOptionalAction, default=None,
+                        help="also condition on the primitive's centre, size and rotation (--no-layout: not)")
+    parser.add_argument("--weight-loss", type=float, help="weight of the normalised-weight regression term")
+    parser.add_argument("--zero-shot-items", type=int, help="held-out items generated, scored and finetuned")
+    parser.add_argument("--backend", choices=("auto", "kernel", "jax"), help="hash-grid backend")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loop_arguments(parser)
+    return parser
+
+
+def prepare_training(config: ConditionalConfig, teachers: TeacherData):
+    """``(task, conditions, held_out [N] bool, rule, train_rows, stream arrays)`` for a run."""
+    from fields.weights import NormalizationStats
+
+    held_out, rule = held_out_mask(teachers, config.holdout_modulus, config.loop.seed)
+    train_rows = np.flatnonzero(~held_out)
+    conditions = build_conditions(config.condition, config.layout, teachers, train_rows)
+    statistics = NormalizationStats.from_matrix(teachers.matrix[train_rows], teachers.param_map)
+    column_mean, column_std = statistics.column_stats(config.normalization)
+    task = build_task(config, teachers, conditions.spec, column_mean, column_std)
+    teacher_matrix = teachers.matrix[train_rows].astype(np.float32)
+    arrays = {**conditions.rows(train_rows), "teacher": teacher_matrix,
+              "target": statistics.normalize(teacher_matrix, config.normalization)}
+    return task, conditions, held_out, rule, train_rows, arrays
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hypernets.datasets import BatchStream
+    from hypernets.loop import train
+
+    args = build_parser().parse_args(argv)
+    if args.zero_shot_items is not None and args.zero_shot_items < 0:
+        raise UserError(f"--zero-shot-items must be >= 0, got {args.zero_shot_items}")
+    saved = read_saved_run(args.workdir, SECTION, PROGRAM)
+    data, teacher_spec = resolve_source(args, saved)
+    config = resolve_config(args, saved)
+    if data is not None:  # refuse NeRF and other field kinds before touching the work directory
+        check_field_kind(dataset_field_kind(data), data)
+    record = run_record(data, teacher_spec, config)
+    check_run(args.workdir, saved, record, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    print(config_to_json(config))
+    prepare_workdir(args.workdir)
+    write_run(args.workdir, record)
+    if teacher_spec is not None:
+        data = make_teachers(os.path.join(args.workdir, TEACHERS_DIRECTORY), teacher_spec, config.backend,
+                             progress=not args.quiet)
+    teachers = load_teachers(data, config.backend)
+    task, conditions, held_out, rule, train_rows, arrays = prepare_training(config, teachers)
+    _write_json(os.path.join(args.workdir, "vocabulary.json"), conditions.vocabulary)
+    print(f"{len(train_rows)} training teachers, {int(np.sum(held_out))} held out ({rule}); "
+          f"{teachers.height}x{teachers.width} images, {teachers.matrix.shape[1]} weights per field; "
+          f"condition {config.condition}{' + layout' if config.layout else ''}, {config.variant} hypernetwork")
+
+    stream = BatchStream(arrays, config.loop.batch_size, seed=config.loop.seed)
+    evaluate = make_evaluate(task, teachers, conditions, np.flatnonzero(held_out)[:max(config.zero_shot_items, 1)],
+                             config.backend)
+    result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,
+                   run_config=record)
+    params = jax.device_get(result.ema_params)
+    print(f"hypernetwork: {count_parameters(params):,} parameters, step {result.step}")
+    report = zero_shot(task, params, teachers, conditions, held_out, rule, config, result.step, args.workdir)
+    if report["num_evaluated"]:
+        ratio = report["finetune_steps_ratio"]
+        steps_generated = report["mean_finetune_steps_from_generated"]
+        steps_fresh = report["mean_finetune_steps_from_fresh"]
+        print(f"zero-shot on {report['num_evaluated']} held-out items: generated "
+              f"{report['mean_generated_psnr']:.2f} dB, teachers {report['mean_teacher_psnr']:.2f} dB "
+              f"(vs {report['reference']}); finetuning steps to the teacher's PSNR: {steps_generated:.1f} from "
+              f"generated weights, {steps_fresh:.1f} from scratch"
+              + (f" (ratio {ratio:.2f})" if ratio is not None else "")
+              + f"; {os.path.join(args.workdir, 'zero_shot.json')}")
+    else:
+        print(f"zero-shot: {report.get('note', 'nothing to evaluate')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
