@@ -45,9 +45,9 @@ import numpy as np
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
 from fields.weights import NORMALIZATION_MODES, NormalizationStats, ParamEntry, param_map_from_json, param_map_to_json
-from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.weight_autoencoders import KINDS, WeightAutoencoder
-from hypernets.runs import check_run, read_saved_run, write_run
+from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
 
 SECTION = "autoencoder"
 PROGRAM = "hypernets.autoencoder"
@@ -575,23 +575,9 @@ def resolve_config(args, saved: dict | None) -> AutoencoderConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
     if args.model == "sane":
         raise UserError("--model sane needs hypernets/sane.py, which is not installed here")
-    if args.preset is None and saved is not None:
-        try:
-            base = config_from_dict(AutoencoderConfig, saved[SECTION], "config.json: autoencoder")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        name = args.preset or "default"
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
     overrides = {"model": args.model, "latent_dims": args.latent_dims, "normalization": args.normalization,
                  "loss_weighting": args.loss_weighting}
-    try:
-        loop = dataclasses.replace(base.loop, **loop_overrides(args))
-        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    return resolve_run_config(AutoencoderConfig, PRESETS, args, saved, SECTION, overrides)
 
 
 def _latent_dims(text: str) -> tuple[int, ...]:

@@ -34,17 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import config_to_dict, config_to_json
 from hypernets.loop import (
     LoopConfig,
     add_distributed_arguments,
     add_loop_arguments,
     initialize_distributed_from_args,
-    loop_overrides,
 )
 from hypernets.models.transformer import LOW_VOCAB, TokenTransformer, TransformerConfig
 from hypernets.objectives import autoregressive as objective_lib
-from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, write_run, write_sample_grid
+from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
 
 SAMPLE_TOKENS_DIRECTORY = "sample_tokens"
 SAMPLES_DIRECTORY = "samples"
@@ -243,23 +242,9 @@ def write_samples(workdir: str, tokens: np.ndarray, labels: np.ndarray, dataset,
 
 def resolve_config(args, saved: dict | None) -> AutoregressiveConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
-    if args.preset is None and saved is not None:
-        try:
-            base = config_from_dict(AutoregressiveConfig, saved["autoregressive"], f"{CONFIG_NAME}: autoregressive")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        name = args.preset or "default"
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
     overrides = {"class_conditional": args.class_conditional, "num_samples": args.num_samples,
                  "temperature": args.temperature, "top_k": args.top_k, "sample_seed": args.sample_seed}
-    try:
-        loop = dataclasses.replace(base.loop, **loop_overrides(args))
-        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    return resolve_run_config(AutoregressiveConfig, PRESETS, args, saved, "autoregressive", overrides)
 
 
 def build_parser() -> ArgumentParser:

@@ -51,7 +51,7 @@ import numpy as np
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
 from fields.weights import NORMALIZATION_MODES, ParamEntry, flatten_params, matrix_to_params, param_count
-from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.conditional_hypernet import (
     CONDITION_KEYS,
     CONDITION_KINDS,
@@ -69,7 +69,7 @@ from hypernets.models.conditional_hypernet import (
     tensor_specs,
     vector_to_field_params,
 )
-from hypernets.runs import check_run, read_saved_run, write_run
+from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
 
 SECTION = "conditional"
 PROGRAM = "hypernets.conditional"
@@ -906,25 +906,11 @@ def _write_json(path: str, values: dict) -> None:
 
 
 def resolve_config(args, saved: dict | None) -> ConditionalConfig:
-    """The preset (or, without ``--preset``, the workdir's saved config) with the command-line overrides."""
-    if args.preset is None and saved is not None:
-        try:
-            base = config_from_dict(ConditionalConfig, saved[SECTION], f"config.json: {SECTION}")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        name = args.preset or "default"
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
+    """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
     overrides = {"condition": args.condition, "variant": args.variant, "layout": args.layout,
                  "weight_loss": args.weight_loss, "zero_shot_items": args.zero_shot_items,
                  "backend": args.backend}
-    try:
-        loop = dataclasses.replace(base.loop, **loop_overrides(args))
-        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    return resolve_run_config(ConditionalConfig, PRESETS, args, saved, SECTION, overrides)
 
 
 def resolve_source(args, saved: dict | None) -> tuple[str | None, TeacherSpec | None]:

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import config_to_dict, config_to_json
 from fields.weights import NORMALIZATION_MODES
-from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.dit import DiT, WeightChunker
 from hypernets.objectives import diffusion as objective_lib
-from hypernets.runs import check_run, read_saved_run, write_run, write_sample_grid
+from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
 
 SAMPLES_DIRECTORY = "samples"
 SAMPLES_SHARD = "samples-000000.parquet"
@@ -280,27 +280,13 @@ def run_record(data_path: str, config: DiffusionConfig) -> dict:
 
 def resolve_config(args, saved: dict | None) -> DiffusionConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
-    if args.preset is None and saved is not None:
-        try:
-            base = config_from_dict(DiffusionConfig, saved["diffusion"], "config.json: diffusion")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        name = args.preset or "default"
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
     overrides = {
         "class_conditional": args.class_conditional, "num_samples": args.num_samples, "sampler": args.sampler,
         "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "eta": args.eta,
         "clip_x0": args.clip_x0, "objective": args.objective, "schedule": args.schedule,
         "normalization": args.normalization,
     }
-    try:
-        loop = dataclasses.replace(base.loop, **loop_overrides(args))
-        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    return resolve_run_config(DiffusionConfig, PRESETS, args, saved, "diffusion", overrides)
 
 
 def num_classes_of(labels: np.ndarray) -> int:

@@ -90,3 +90,34 @@ def write_sample_grid(path: str, matrix: np.ndarray, dataset) -> bool:
                             RenderSettings(), where=path)
     save_grid(path, renders.previews, columns=max(1, math.ceil(math.sqrt(len(matrix)))))
     return True
+
+
+def resolve_run_config(config_class: type, presets: dict, args, saved: dict | None, section: str,
+                       overrides: dict[str, Any]):
+    """The run's config: ``presets[args.preset]`` (or, without ``--preset``, the config saved in the
+    work directory's ``section``, else the ``default`` preset) with the loop arguments of
+    ``hypernets.loop.add_loop_arguments`` and the non-None ``overrides`` applied.
+
+    Raises:
+        UserError: an unknown preset, a saved config that does not parse, or an override the config rejects.
+    """
+    import dataclasses
+
+    from fields.config import ConfigError, config_from_dict
+    from hypernets.loop import loop_overrides
+
+    if args.preset is None and saved is not None:
+        try:
+            base = config_from_dict(config_class, saved[section], f"{CONFIG_NAME}: {section}")
+        except ConfigError as error:
+            raise UserError(str(error)) from None
+    else:
+        name = args.preset or "default"
+        if name not in presets:
+            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+        base = presets[name]
+    try:
+        loop = dataclasses.replace(base.loop, **loop_overrides(args))
+        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None

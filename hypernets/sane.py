@@ -52,13 +52,13 @@ import numpy as np
 import optax
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import config_to_dict, config_to_json
 from fields.models.hash_grid import corner_indices_and_weights
 from fields.weights import NORMALIZATION_MODES, ParamEntry
 from hypernets.augment import NGPLayout, augment, read_rotation_column, rotate_dataset_images
-from hypernets.loop import LoopConfig, add_loop_arguments, loop_overrides
+from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.objectives.contrastive import nt_xent
-from hypernets.runs import check_run, read_saved_run, write_run
+from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
 
 NUM_ROTATIONS = 4
 LATENTS_DIRECTORY = "latents"
@@ -794,25 +794,11 @@ def run_record(data_path: str, config: SANEConfig) -> dict:
 
 def resolve_config(args, saved: dict | None) -> SANEConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
-    if args.preset is None and saved is not None:
-        try:
-            base = config_from_dict(SANEConfig, saved["sane"], "config.json: sane")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        name = args.preset or "default"
-        if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
     overrides = {"temperature": args.temperature, "contrastive_weight": args.contrastive_weight,
                  "rotation_weight": args.rotation_weight, "noise_std": args.noise_std, "permute": args.permute,
                  "rotated_copies": args.rotated_copies, "normalization": args.normalization,
                  "latent_dim": args.latent_dim, "probe_steps": args.probe_steps}
-    try:
-        loop = dataclasses.replace(base.loop, **loop_overrides(args))
-        return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    return resolve_run_config(SANEConfig, PRESETS, args, saved, "sane", overrides)
 
 
 def build_parser() -> ArgumentParser:
