@@ -82,7 +82,7 @@ def train_and_evaluate(name: str, module: str, arguments: list[str], args, refer
                   "--num-samples", str(args.num_samples))
     out = os.path.join(args.work, f"{name}_eval")
     run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", reference,
-        "--train", train_fields, "--out", out, "--quiet")
+        "--train", train_fields, "--out", out, "--classifier-preset", args.classifier_preset, "--quiet")
     with open(os.path.join(out, "eval.json")) as handle:
         evaluation = json.load(handle)
     return {"steps": steps, "train_and_sample_seconds": seconds, "workdir": workdir, "eval": evaluation}
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--models", default="diffusion,autoregressive")
+    parser.add_argument("--classifier-preset", default="default", help="hypernets.evaluate's feature classifier")
     parser.add_argument("--diffusion-preset", default="cpu")
     parser.add_argument("--autoregressive-preset", default="cpu")
     args = parser.parse_args()
