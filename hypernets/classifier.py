@@ -18,6 +18,7 @@ random projection of the raw pixels (or the raw pixels themselves when they are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -198,18 +199,17 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
         logits, _ = model.apply({"params": params}, batch_images)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels))
 
-    @jax.jit
-    def train(params, opt_state):
-        def body(step, state):
-            params, opt_state = state
-            indices = jax.random.randint(jax.random.fold_in(sample_key, step), (config.batch_size,), 0,
-                                         device_images.shape[0])
-            grads = jax.grad(loss_fn)(params, device_images[indices], device_labels[indices])
-            return optimizer_step(optimizer, grads, opt_state, params)
+    # One jitted step driven from Python: XLA's CPU convolutions inside a fori_loop body ran ~28x
+    # slower (1.3 s vs 47 ms per step for the default preset on 2 cores).
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, step):
+        indices = jax.random.randint(jax.random.fold_in(sample_key, step), (config.batch_size,), 0,
+                                     device_images.shape[0])
+        grads = jax.grad(loss_fn)(params, device_images[indices], device_labels[indices])
+        return optimizer_step(optimizer, grads, opt_state, params)
 
-        return jax.lax.fori_loop(0, config.steps, body, (params, opt_state))
-
-    params, _ = train(params, opt_state)
+    for step in range(config.steps):
+        params, opt_state = train_step(params, opt_state, jnp.int32(step))
     params = jax.tree_util.tree_map(np.asarray, params)
     trained = TrainedClassifier(params, config, num_classes, tuple(int(d) for d in images.shape[1:]), 0.0)
     trained.train_accuracy = float(np.mean(trained.predict(images) == labels))
