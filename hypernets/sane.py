@@ -57,6 +57,7 @@ from fields.models.hash_grid import corner_indices_and_weights
 from fields.weights import NORMALIZATION_MODES, ParamEntry
 from hypernets.augment import NGPLayout, augment, read_rotation_column, rotate_dataset_images
 from hypernets.loop import LoopConfig, add_loop_arguments
+from hypernets.models.transformer import EncoderBlock
 from hypernets.objectives.contrastive import nt_xent
 from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
 
@@ -376,23 +377,6 @@ class PositionalEncoding(nn.Module):
                 jnp.asarray(indices)))
         kind = self.param("kind", init, (2, self.width))
         return jnp.concatenate([hash_part + kind[0], neuron_part + kind[1]], axis=0)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-LN bidirectional transformer block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
-
-    width: int
-    num_heads: int
-    mlp_ratio: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``[batch, T, width]`` -> ``[batch, T, width]``."""
-        normed = nn.LayerNorm(name="attention_norm")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.width,
-                                                out_features=self.width, name="attention")(normed, normed)
-        hidden = nn.gelu(nn.Dense(int(self.width * self.mlp_ratio), name="mlp_in")(nn.LayerNorm(name="mlp_norm")(x)))
-        return x + nn.Dense(self.width, name="mlp_out")(hidden)
 
 
 class SANEModel(nn.Module):

@@ -29,6 +29,23 @@ LOW_VOCAB = 256  # the factorised head predicts the low byte of a token
 ATTENTION_MASK_VALUE = -1e30  # finite, so fully masked rows never produce NaN
 
 
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm block with bidirectional attention (the autoencoders' encoders and decoders):
+    ``x + attention(norm(x))``, then ``x + mlp(norm(x))``; ``[batch, T, width]`` -> same."""
+
+    width: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        normed = nn.LayerNorm(name="attention_norm")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.width,
+                                                out_features=self.width, name="attention")(normed, normed)
+        hidden = nn.gelu(nn.Dense(int(self.width * self.mlp_ratio), name="mlp_in")(nn.LayerNorm(name="mlp_norm")(x)))
+        return x + nn.Dense(self.width, name="mlp_out")(hidden)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Architecture of the token model.

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.weights import ParamEntry, param_count, section_slices
+from hypernets.models.transformer import EncoderBlock
 
 KINDS = ("conv", "transformer")
 
@@ -130,22 +131,6 @@ class ConvSectionDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ transformer
-
-
-class EncoderBlock(nn.Module):
-    """Pre-LayerNorm transformer block with bidirectional attention: ``[batch, T, width]`` -> same."""
-
-    width: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        normed = nn.LayerNorm(name="attention_norm")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.width,
-                                                out_features=self.width, name="attention")(normed, normed)
-        hidden = nn.gelu(nn.Dense(int(self.width * self.mlp_ratio), name="mlp_in")(nn.LayerNorm(name="mlp_norm")(x)))
-        return x + nn.Dense(self.width, name="mlp_out")(hidden)
 
 
 class TransformerSectionEncoder(nn.Module):
