@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 class Checkpointer:
@@ -29,10 +30,16 @@ class Checkpointer:
         self._manager.save(step, args=self._ocp.args.StandardSave(state), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, state_like, step: int | None = None):
-        """Restores the checkpoint at ``step`` (default: newest) into the structure of ``state_like``."""
+    def restore(self, state_like, step: int | None = None, sharding: jax.sharding.Sharding | None = None):
+        """Restores the checkpoint at ``step`` (default: newest) into the structure of ``state_like``.
+
+        ``sharding`` places every restored array (e.g. replicated over a mesh), so a checkpoint written
+        on 8 devices restores on 1; None keeps the saved sharding, which needs the devices it was saved on.
+        """
         step = self.latest_step() if step is None else step
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_like)
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state_like
+        )
         return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ import optax
 from fields.cli import UserError
 from fields.config import ConfigError, config_from_dict, config_to_dict
 from fields.training import optimizer_step
+from hypernets.runs import write_atomic
 
 PARAMS_FILE = "params.msgpack"
 INFO_FILE = "classifier.json"
@@ -249,8 +250,8 @@ def load_or_train(directory: str, images: np.ndarray, labels: np.ndarray, num_cl
                                  float(cached.get("train_accuracy", float("nan"))), cached=True)
     trained = train_classifier(images, labels, num_classes, config)
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(params_path, serialization.to_bytes(trained.params))
-    _write_atomic(info_path, json.dumps({**info, "train_accuracy": trained.train_accuracy}, indent=2).encode())
+    write_atomic(params_path, serialization.to_bytes(trained.params))
+    write_atomic(info_path, json.dumps({**info, "train_accuracy": trained.train_accuracy}, indent=2))
     return trained
 
 
@@ -264,13 +265,6 @@ def _read_info(path: str) -> dict | None:
     except (OSError, json.JSONDecodeError, ConfigError, AttributeError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
 
 
 def fallback_features(images: np.ndarray, dim: int = RANDOM_PROJECTION_DIM, seed: int = 0) -> tuple[np.ndarray, str]:

@@ -114,7 +114,8 @@ def _split_rows(source_ids: list[str], val_fraction: float, seed: int, path: str
     return np.flatnonzero(~validation), np.flatnonzero(validation)
 
 
-def _labels(columns: dict[str, Any], count: int) -> np.ndarray:
+def label_column(columns: dict[str, Any], count: int) -> np.ndarray:
+    """``[count]`` int32 labels of a dataset's metadata ``columns`` (-1: unknown, or no label column)."""
     if "label" not in columns:
         return np.full(count, -1, np.int32)
     return np.asarray(columns["label"]).astype(np.int32)
@@ -196,7 +197,7 @@ def load_weight_splits(
     dataset = read_dataset(path)
     count = len(dataset)
     source_ids = _source_ids(dataset.columns, count)
-    labels = _labels(dataset.columns, count)
+    labels = label_column(dataset.columns, count)
     train_rows, validation_rows = _split_rows(source_ids, val_fraction, seed, path)
     if not np.all(np.isfinite(dataset.matrix)):
         bad = np.flatnonzero(~np.all(np.isfinite(dataset.matrix), axis=1))
@@ -260,7 +261,7 @@ def load_token_splits(path: str, val_fraction: float = 0.1, seed: int = 0) -> tu
     dataset = read_token_dataset(path)
     count = len(dataset)
     source_ids = _source_ids(dataset.columns, count)
-    labels = _labels(dataset.columns, count)
+    labels = label_column(dataset.columns, count)
     train_rows, validation_rows = _split_rows(source_ids, val_fraction, seed, path)
 
     def split(rows: np.ndarray) -> TokenData:
@@ -319,10 +320,6 @@ class BatchStream:
         self._position = 0
         self._order_epoch = -1
         self._order = np.empty(0, np.int64)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch_order(self._epoch)) // self.batch_size
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """``[max(N, k*N)]`` int64 row order of ``epoch`` (k copies when ``N < batch_size``)."""

@@ -42,7 +42,9 @@ from fields.weights import param_count, section_slices
 from hypernets import metrics
 from hypernets.classifier import PRESETS as CLASSIFIER_PRESETS
 from hypernets.classifier import ClassifierConfig, fallback_features, load_or_train
+from hypernets.datasets import label_column
 from hypernets.rendering import Renders, RenderSettings, render_fields, render_kind, save_grid
+from hypernets.runs import check_run, read_saved_run, write_atomic, write_run
 
 NOISE_SIGMAS = (0.02, 0.04)
 PIXEL_DISTANCE = "pixel_rms"
@@ -132,22 +134,10 @@ def config_from_args(args) -> EvaluateConfig:
 
 def check_or_write_config(out: str, config: EvaluateConfig) -> None:
     """Saves ``config.json`` in ``out``; refuses an existing one that differs (one-line ``UserError``)."""
-    path = os.path.join(out, "config.json")
     values = config_to_dict(config)
-    if os.path.exists(path):
-        try:
-            with open(path) as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path} is unreadable ({error}); remove it or use another --out") from None
-        if saved != values:
-            changed = sorted(key for key in set(saved) | set(values) if saved.get(key) != values.get(key))
-            raise UserError(f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
-                            "use another --out")
-        return
-    with open(path + ".tmp", "w") as handle:
-        json.dump(values, handle, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    check_run(out, read_saved_run(out, None, "hypernets.evaluate"), values,
+              holds="an evaluation with other settings", option="--out")
+    write_run(out, values)
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -190,14 +180,6 @@ def render_metadata(reference: FieldDataset, others: list[FieldDataset]) -> dict
             if key not in metadata and key in dataset.metadata:
                 metadata[key] = dataset.metadata[key]
     return metadata
-
-
-def labels_of(dataset: FieldDataset) -> np.ndarray:
-    """``[N]`` int32 labels (-1 where unknown or without a label column)."""
-    labels = dataset.columns.get("label")
-    if labels is None:
-        return np.full(len(dataset), -1, np.int32)
-    return np.asarray(labels, np.int64).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------- distances
@@ -354,7 +336,8 @@ def evaluate(config: EvaluateConfig, out: str, inputs: Inputs | None = None, pro
         "1nna_reference": one_nna["accuracy_reference"],
         "fd": None, "precision": None, "recall": None, "conditional_accuracy": None,
     }
-    sample_labels, reference_labels = labels_of(samples), labels_of(reference)
+    sample_labels = label_column(samples.columns, len(samples))
+    reference_labels = label_column(reference.columns, len(reference))
     if kind == "image":
         features, feature_values = feature_report(config, out, reference_renders, reference_labels, sample_renders,
                                                   sample_labels)
@@ -486,11 +469,8 @@ def markdown_report(report: dict) -> str:
 
 def write_report(out: str, report: dict) -> None:
     """Writes ``eval.json`` (every number; NaN as null) and ``eval.md``."""
-    with open(os.path.join(out, "eval.json.tmp"), "w") as handle:
-        json.dump(_json_ready(report), handle, indent=2)
-    os.replace(os.path.join(out, "eval.json.tmp"), os.path.join(out, "eval.json"))
-    with open(os.path.join(out, "eval.md"), "w") as handle:
-        handle.write(markdown_report(report))
+    write_atomic(os.path.join(out, "eval.json"), json.dumps(_json_ready(report), indent=2))
+    write_atomic(os.path.join(out, "eval.md"), markdown_report(report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -47,12 +46,12 @@ from fields.checkpoint import Checkpointer
 from fields.cli import UserError, prepare_workdir
 from fields.config import config_to_dict
 from hypernets.datasets import BatchStream
+from hypernets.runs import write_atomic
 
 WANDB_MODES = ("disabled", "offline", "online")
 FINAL_LEARNING_RATE_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
 HISTORY_NAME = "history.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_NAME = "config.json"
 WANDB_ID_NAME = "wandb_run_id"
 DATA_AXIS = "data"
 # Stream state entries kept in checkpoints (int32 arrays inside the checkpoint, so they are saved atomically with it).
@@ -284,54 +283,6 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 # ---------------------------------------------------------------------------------- bookkeeping
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def save_run_config(workdir: str, run_config: dict) -> None:
-    """Writes ``workdir/config.json``, or checks that the one already there is the same.
-
-    Raises:
-        UserError: the work directory holds a run with another configuration, or an unreadable one.
-    """
-    prepare_workdir(workdir)
-    run_config = json.loads(json.dumps(run_config))
-    path = os.path.join(workdir, CONFIG_NAME)
-    if os.path.exists(path):
-        try:
-            with open(path) as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path} is unreadable ({error}); use another --workdir") from None
-        if saved != run_config:
-            changed = sorted(_changed_keys(saved, run_config))
-            raise UserError(
-                f"{workdir} holds a run with a different configuration ({', '.join(changed[:4])} differ); "
-                "use another --workdir"
-            )
-        return
-    _write_text_atomic(path, json.dumps(run_config, indent=2, sort_keys=True) + "\n")
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = []
-        for key in sorted(set(old) | set(new)):
-            keys += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
-        return keys
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def _read_history(path: str, max_step: int) -> list[dict]:
     """The history rows with ``step <= max_step``; rewrites the file without the others (and torn lines)."""
     if not os.path.exists(path):
@@ -350,7 +301,7 @@ def _read_history(path: str, max_step: int) -> list[dict]:
             else:
                 dropped = True
     if dropped:
-        _write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     return rows
 
 
@@ -382,7 +333,7 @@ def _start_wandb(wandb, config: LoopConfig, workdir: str, run_config: dict | Non
             run_id = handle.read().strip()
     else:
         run_id = secrets.token_hex(4)
-        _write_text_atomic(id_path, run_id + "\n")
+        write_atomic(id_path, run_id + "\n")
     try:
         return wandb.init(
             mode=config.wandb,
@@ -449,23 +400,10 @@ def _checkpoint_tree(state: dict, step: int, stream_state: dict[str, int]) -> di
     }
 
 
-class _ShardedCheckpointer(Checkpointer):
-    """``fields.checkpoint.Checkpointer`` that also restores straight into a sharding."""
-
-    def restore_into(self, state_like, sharding, step: int | None = None):
-        """Restores ``state_like``'s structure with every array placed by ``sharding``: a checkpoint written
-        on 8 devices restores on 1 (orbax's default, the saved sharding, needs the same devices)."""
-        step = self.latest_step() if step is None else step
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), state_like
-        )
-        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-
-
 def _restore(checkpoints, state: dict, stream: BatchStream, replicated: NamedSharding) -> tuple[dict, int]:
     """Loads the newest checkpoint into ``state``'s structure and positions ``stream``; returns ``(state, step)``."""
     like = _checkpoint_tree(state, 0, stream.state())
-    restored = checkpoints.restore_into(like, replicated)
+    restored = checkpoints.restore(like, sharding=replicated)  # a checkpoint of 8 devices restores on 1
     opt_structure = jax.tree_util.tree_structure(state["opt_state"])
     new_state = {
         "params": restored["params"],
@@ -564,7 +502,7 @@ def train(
     block_each_step = devices[0].platform == "cpu" and len(devices) > 1  # DESIGN.md: collectives can deadlock
     target = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
 
-    checkpoints = _ShardedCheckpointer(os.path.join(workdir, CHECKPOINT_DIR))
+    checkpoints = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
     run, bar = None, None
     evaluation: dict = {}
     try:

@@ -104,13 +104,12 @@ def chamfer_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(_nearest_squared(a, b, _kd_tree(b))) + np.mean(_nearest_squared(b, a, _kd_tree(a))))
 
 
-def pairwise_chamfer(clouds_a: np.ndarray, clouds_b: np.ndarray | None = None, progress=None) -> np.ndarray:
+def pairwise_chamfer(clouds_a: np.ndarray, clouds_b: np.ndarray | None = None) -> np.ndarray:
     """Squared Chamfer distances between every cloud of ``clouds_a`` and every cloud of ``clouds_b``.
 
     Args:
         clouds_a: ``[n, p, 3]``; clouds_b: ``[m, q, 3]``, or None for ``clouds_a`` against itself
             (only the upper triangle is computed; the diagonal is 0).
-        progress: optional callable called with the number of pairs done after each row.
 
     Returns:
         ``[n, m]`` float64.
@@ -126,8 +125,6 @@ def pairwise_chamfer(clouds_a: np.ndarray, clouds_b: np.ndarray | None = None, p
             forward = np.mean(_nearest_squared(cloud_a, clouds_b[j], trees_b[j]))
             backward = np.mean(_nearest_squared(clouds_b[j], cloud_a, trees_a[i]))
             distances[i, j] = forward + backward
-        if progress is not None:
-            progress(len(clouds_b) - (i + 1 if symmetric else 0))
     if symmetric:
         distances = distances + distances.T
     return distances

@@ -2,7 +2,9 @@
 
 ``config.json`` holds a record such as ``{"data": path, "diffusion": {...config...}}``. Rerunning in
 the same work directory must use the same record, except for fields that only change sampling or
-logging (``free_fields``, dotted names such as ``"diffusion.num_samples"``).
+logging (``free_fields``, dotted names such as ``"diffusion.num_samples"``). ``hypernets.evaluate``
+checks its ``OUT/config.json`` the same way. ``write_atomic`` is the hypernets' one atomic file writer
+(run records, histories, reports, classifier caches).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,11 +34,12 @@ def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_saved_run(workdir: str, section: str, program: str) -> dict | None:
+def read_saved_run(workdir: str, section: str | None, program: str) -> dict | None:
     """``W/config.json`` as a dict, or None when absent.
 
     Raises:
-        UserError: unreadable JSON, or a record without ``section`` (another program's run).
+        UserError: unreadable JSON, not a JSON object, or (``section`` given) a record without
+            ``section`` (another program's run).
     """
     path = os.path.join(workdir, CONFIG_NAME)
     if not os.path.exists(path):
@@ -45,14 +49,15 @@ def read_saved_run(workdir: str, section: str, program: str) -> dict | None:
             saved = json.load(handle)
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get(section), dict):
+    if not isinstance(saved, dict) or (section is not None and not isinstance(saved.get(section), dict)):
         raise UserError(f"{path} is not a {program} run config")
     return saved
 
 
-def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iterable[str] = ()) -> None:
-    """Refuses (one-line ``UserError``) a work directory whose saved record differs from ``current``
-    outside ``free_fields``."""
+def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iterable[str] = (), *,
+              holds: str = "a run with a different config", option: str = "--workdir") -> None:
+    """Refuses (one-line ``UserError``: "``workdir`` holds ``holds`` (first difference); use another
+    ``option``") a work directory whose saved record differs from ``current`` outside ``free_fields``."""
     if saved is None:
         return
     saved_flat, current_flat = flatten_config(saved), flatten_config(current)
@@ -62,17 +67,29 @@ def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iter
     if differences:
         name = differences[0]
         more = f"; {len(differences) - 1} more" if len(differences) > 1 else ""
-        raise UserError(f"{workdir} holds a run with a different config ({name}: {saved_flat.get(name)!r} there, "
-                        f"{current_flat.get(name)!r} now{more}); use another --workdir")
+        raise UserError(f"{workdir} holds {holds} ({name}: {saved_flat.get(name)!r} there, "
+                        f"{current_flat.get(name)!r} now{more}); use another {option}")
 
 
 def write_run(workdir: str, current: dict) -> None:
     """Saves ``W/config.json`` atomically."""
-    path = os.path.join(workdir, CONFIG_NAME)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(current, handle, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    write_atomic(os.path.join(workdir, CONFIG_NAME), json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` through a synced temporary file in the same folder
+    and a rename, so readers and a job killed mid-write see the old file or the new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def write_sample_grid(path: str, matrix: np.ndarray, dataset) -> bool:

@@ -222,7 +222,7 @@ def test_evaluate_fields_against_themselves(image_fields, tmp_path, capsys):
         assert json.load(handle)["features"]["classifier_cached"] is True
     assert os.stat(os.path.join(out, "classifier", "params.msgpack")).st_mtime_ns == params_time
     status, _, stderr = run_entry_point(main, argv + ["--grid-size", "4"], capsys)
-    assert_one_line_error(status, stderr, "other settings")
+    assert_one_line_error(status, stderr, "other settings (grid_size: 16 there, 4 now); use another --out")
 
 
 def test_evaluate_without_labels_or_train_uses_a_random_projection(image_fields, tmp_path, capsys):

@@ -25,9 +25,9 @@ from hypernets.loop import (
     NonFiniteLoss,
     add_loop_arguments,
     loop_overrides,
-    save_run_config,
     train,
 )
+from hypernets.runs import check_run, read_saved_run, write_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 4
@@ -316,10 +316,18 @@ def test_loop_arguments_and_run_config(tmp_path):
     overrides = loop_overrides(args)
     assert overrides == {"steps": 7, "wandb": "offline", "num_devices": 1}
     assert dataclasses.replace(LoopConfig(), **overrides).steps == 7
-    save_run_config(str(tmp_path), {"loop": {"steps": 7}})
-    save_run_config(str(tmp_path), {"loop": {"steps": 7}})
-    with pytest.raises(UserError, match="different configuration"):
-        save_run_config(str(tmp_path), {"loop": {"steps": 8}})
+    # hypernets.runs: the run record is written once, the same run is accepted again, another refused.
+    workdir = str(tmp_path)
+    assert read_saved_run(workdir, "loop", "toy") is None
+    write_run(workdir, {"loop": {"steps": 7}})
+    saved = read_saved_run(workdir, "loop", "toy")
+    assert saved == {"loop": {"steps": 7}} and os.listdir(workdir) == ["config.json"]  # no temporary file left
+    check_run(workdir, saved, {"loop": {"steps": 7}})
+    with pytest.raises(UserError, match=r"holds a run with a different config \(loop.steps: 7 there, 8 now\); use"):
+        check_run(workdir, saved, {"loop": {"steps": 8}})
+    check_run(workdir, saved, {"loop": {"steps": 8}}, free_fields=["loop.steps"])
+    with pytest.raises(UserError, match="is not a toy run config"):
+        read_saved_run(workdir, "diffusion", "toy")
 
 
 # --------------------------------------------------------------------------------------- data
