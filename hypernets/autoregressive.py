@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -94,10 +93,7 @@ class AutoregressiveConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        self.sampling()  # SamplingOptions checks temperature and top_k
 
     def sampling(self) -> objective_lib.SamplingOptions:
         return objective_lib.SamplingOptions(temperature=self.temperature, top_k=self.top_k)
@@ -328,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = objective_lib.token_rules(dataset.tokenizer)
     tokens = draw_samples(task.model, params, labels, rules, config.sampling(), config.sample_seed,
                           args.sample_batch_size)
-    generator = {"model": "hypernets.autoregressive", "workdir": os.path.abspath(args.workdir), "step": int(step),
+    generator = {"model": "hypernets.autoregressive", "workdir": os.path.abspath(args.workdir), "step": step,
                  "training_data": os.path.abspath(args.data), "temperature": config.temperature,
                  "top_k": config.top_k, "sample_seed": config.sample_seed}
     weights = write_samples(args.workdir, tokens, labels, dataset, generator)

@@ -28,7 +28,7 @@ from fields.weights import NORMALIZATION_MODES
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.dit import DiT, WeightChunker
 from hypernets.objectives import diffusion as objective_lib
-from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
+from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
 
 SAMPLES_DIRECTORY = "samples"
 SAMPLES_SHARD = "samples-000000.parquet"
@@ -199,28 +199,27 @@ def make_evaluate(task: DiffusionTask, vectors: np.ndarray, labels: np.ndarray, 
     if len(vectors) == 0:
         return None
     num_batches = min(4, -(-len(vectors) // batch_size))
-    rows = np.arange(num_batches * batch_size) % len(vectors)
+    rows = (np.arange(num_batches * batch_size) % len(vectors)).reshape(num_batches, batch_size)
+    # The same batches and noise at every evaluation: placed once, not per call.
+    batches = [{"vectors": jnp.asarray(vectors[picked]), "labels": jnp.asarray(labels[picked], jnp.int32)}
+               for picked in rows]
+    keys = [jax.random.fold_in(jax.random.PRNGKey(seed), index) for index in range(num_batches)]
     loss = jax.jit(task.loss)
 
     def evaluate(params: Any, step: int) -> dict[str, float]:
         del step
-        total = 0.0
-        for index in range(num_batches):
-            picked = rows[index * batch_size : (index + 1) * batch_size]
-            batch = {"vectors": jnp.asarray(vectors[picked]), "labels": jnp.asarray(labels[picked], jnp.int32)}
-            value, _ = loss(params, batch, jax.random.fold_in(jax.random.PRNGKey(seed), index))
-            total += float(value)
-        return {"val_loss": total / num_batches}
+        values = [loss(params, batch, key)[0] for batch, key in zip(batches, keys, strict=True)]
+        return {"val_loss": float(jnp.mean(jnp.stack(values)))}
 
     return evaluate
 
 
-def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, labels: np.ndarray | None,
-                   seed: int, chunk: int = 256) -> np.ndarray:
+def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, labels: np.ndarray, seed: int,
+                   chunk: int = 256) -> np.ndarray:
     """Draws ``config.num_samples`` normalised weight vectors ``[num_samples, P]`` float32.
 
     Args:
-        labels: ``[num_samples]`` class ids for a conditional model, or None.
+        labels: ``[num_samples]`` int class ids (``sample_labels``); an unconditional model ignores them.
         seed: sampling randomness.
         chunk: samples drawn per compiled call.
     """
@@ -229,18 +228,18 @@ def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, la
 
     @jax.jit
     def draw(params, key, chunk_labels):
-        return objective_lib.sample(
+        tokens = objective_lib.sample(
             task.denoiser(params), key, (chunk_labels.shape[0],) + shape_tail, abar, task.objective,
             sampler=config.sampler, num_steps=config.sample_steps, eta=config.eta,
             labels=chunk_labels if task.num_classes > 0 else None, guidance_scale=config.guidance_scale,
             null_class=task.num_classes, clip_x0=config.clip_x0 or None)
+        return task.chunker.from_tokens(tokens)
 
     pieces = []
     for start in range(0, config.num_samples, chunk):
         stop = min(start + chunk, config.num_samples)
-        chunk_labels = (np.full(stop - start, -1, np.int32) if labels is None else labels[start:stop])
         key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-        pieces.append(np.asarray(task.chunker.from_tokens(draw(params, key, jnp.asarray(chunk_labels, jnp.int32)))))
+        pieces.append(np.asarray(draw(params, key, jnp.asarray(labels[start:stop], jnp.int32))))
     return np.concatenate(pieces).astype(np.float32)
 
 
@@ -256,13 +255,12 @@ def sample_labels(config: DiffusionConfig, num_classes: int) -> np.ndarray:
 
 def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, generator: dict) -> str:
     """Writes raw sampled weights ``[n, P]`` as a dataset of fields in ``workdir/samples``; returns its path."""
-    from fields.field_datasets import FIELD_RESERVED_KEYS, write_shard
+    from fields.field_datasets import write_shard
 
     directory = os.path.join(workdir, SAMPLES_DIRECTORY)
     columns = {"source_id": [f"sample-{index:06d}" for index in range(len(raw))],
                "label": [int(label) for label in labels]}
-    extra = {key: value for key, value in data.metadata.items()
-             if key not in FIELD_RESERVED_KEYS}
+    extra = dict(data.metadata)  # read_dataset's metadata holds no reserved keys
     extra["source"] = f"hypernets.diffusion samples ({generator.get('workdir', workdir)})"
     extra["generator"] = generator
     write_shard(os.path.join(directory, SAMPLES_SHARD), raw, columns, data.field_kind, data.field_config,
@@ -325,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     saved = read_saved_run(args.workdir, "diffusion", "hypernets.diffusion")
     if args.sample_only and saved is None:
-        raise UserError(f"--sample-only: {args.workdir} holds no trained run (no config.json)")
-    if args.sample_only:
-        require_checkpoint(args.workdir)
+        raise UserError(f"--sample-only: {args.workdir} holds no trained run (no {CONFIG_NAME})")
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
     check_run(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
@@ -347,19 +343,19 @@ def main(argv: list[str] | None = None) -> int:
 
     stream = BatchStream({"vectors": train_data.vectors, "labels": train_data.labels.astype(np.int32)},
                          config.loop.batch_size, seed=config.loop.seed)
-    evaluate = make_evaluate(task, val_data.vectors, val_data.labels, config.loop.batch_size, config.loop.seed)
-    if args.sample_only:
-        # stop_at_step=0: restore the newest checkpoint and train no further.
+    if args.sample_only:  # restore the newest checkpoint without training (stop at step 0)
         result = train(task, stream, config.loop, args.workdir, progress=False, run_config=run_config,
                        stop_at_step=0)
+        if result.step == 0:
+            raise UserError(f"--sample-only: {args.workdir} holds no trained run (no checkpoint yet; train first)")
     else:
+        evaluate = make_evaluate(task, val_data.vectors, val_data.labels, config.loop.batch_size, config.loop.seed)
         result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,
                        run_config=run_config)
     params, step = jax.device_get(result.ema_params), result.step
 
     labels = sample_labels(config, num_classes)
-    normalized = sample_vectors(task, params, config, labels if config.class_conditional else None,
-                                seed=config.loop.seed + 1)
+    normalized = sample_vectors(task, params, config, labels, seed=config.loop.seed + 1)
     raw = train_data.denormalize(normalized)
     if not np.all(np.isfinite(raw)):
         raise UserError(f"sampling produced non-finite weights (step {step}); train longer or lower the learning rate")
@@ -373,21 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     if write_sample_grid(grid_path, raw, train_data):
         print(f"rendered samples: {grid_path}")
     return 0
-
-
-def require_checkpoint(workdir: str) -> None:
-    """``UserError`` unless ``workdir/checkpoints`` holds a checkpoint to sample from."""
-    from fields.checkpoint import Checkpointer
-    from hypernets.loop import CHECKPOINT_DIR
-
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    checkpoints = Checkpointer(directory) if os.path.isdir(directory) else None
-    try:
-        if checkpoints is None or checkpoints.latest_step() is None:
-            raise UserError(f"--sample-only: {workdir} holds no trained run (no checkpoint in {directory})")
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()
 
 
 if __name__ == "__main__":

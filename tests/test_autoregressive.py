@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,9 @@ def test_entry_point_trains_samples_resumes_and_refuses(token_data, tmp_path, ca
         assert grid.size == (expected[1], expected[0])
     history = _history_steps(workdir)
     assert history[-1] == 4
+    with open(os.path.join(workdir, "history.jsonl")) as handle:
+        last = json.loads(handle.read().strip().splitlines()[-1])
+    assert np.isfinite(last["val_loss"]) and 0.0 <= last["val_accuracy"] <= 1.0  # held-out rows at the last step
 
     # The same command again resumes at the last step: no training, the same model, so the same samples.
     status, out, err = run_entry_point(autoregressive.main, argv, capsys)
@@ -243,6 +247,10 @@ def test_entry_point_trains_samples_resumes_and_refuses(token_data, tmp_path, ca
 
     status, _, err = run_entry_point(autoregressive.main, argv + ["--learning-rate", "0.5"], capsys)
     assert_one_line_error(status, err, "different config (autoregressive.loop.learning_rate")
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))  # a saved config without a checkpoint
+    status, _, err = run_entry_point(
+        autoregressive.main, ["--data", tokens_dir, "--workdir", workdir, "--sample-only"], capsys)
+    assert_one_line_error(status, err, "holds no checkpoint yet")
     status, _, err = run_entry_point(
         autoregressive.main, ["--data", tokens_dir, "--workdir", str(tmp_path / "empty"), "--sample-only"], capsys)
     assert_one_line_error(status, err, "holds no trained run")

@@ -3,6 +3,7 @@ and python -m hypernets.diffusion end to end on a tiny field dataset."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -271,13 +272,14 @@ def test_cli_trains_samples_resumes_and_refuses_a_changed_config(field_data, tmp
     expected = image_grid(np.zeros((len(samples), 8, 8, 3)), columns=2).shape  # 4 renders of 8x8, 2 per row
     with Image.open(os.path.join(workdir, "samples.png")) as grid:
         assert grid.size == (expected[1], expected[0])
-    steps_trained = [row["step"] for row in read_history(workdir)]
-    assert max(steps_trained) == diffusion.PRESETS["tiny"].loop.steps
+    history = read_history(workdir)
+    assert max(row["step"] for row in history) == diffusion.PRESETS["tiny"].loop.steps
+    assert np.isfinite(history[-1]["val_loss"])  # the held-out loss at the last step
 
     # The same command again: resumes from the finished checkpoint and trains no further.
     status, out, err = run_diffusion(argv, capsys)
     assert status == 0, err
-    assert "resum" in (out + err).lower()
+    assert f"resuming from step {diffusion.PRESETS['tiny'].loop.steps}" in out
     assert max(row["step"] for row in read_history(workdir)) == diffusion.PRESETS["tiny"].loop.steps
 
     # Sampling options may change; sample-only uses the saved run.
@@ -291,6 +293,11 @@ def test_cli_trains_samples_resumes_and_refuses_a_changed_config(field_data, tmp
     # A different training config in the same workdir is refused in one line.
     status, out, err = run_diffusion(argv + ["--learning-rate", "0.5"], capsys)
     assert_one_line_error(status, err, "different config")
+
+    # A saved config without a checkpoint has nothing to sample from.
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    status, out, err = run_diffusion(["--data", field_data, "--workdir", workdir, "--sample-only"], capsys)
+    assert_one_line_error(status, err, "no trained run (no checkpoint yet")
 
 
 def test_cli_class_conditional_writes_round_robin_labels(field_data, tmp_path, capsys):

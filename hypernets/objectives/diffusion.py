@@ -259,10 +259,10 @@ def sample(
         timesteps = jnp.full((batch,), timestep, jnp.int32)
         output = jnp.asarray(model(x_t, timesteps, labels), jnp.float32)
         x0, eps = predict_x0_and_noise(objective, abar, output, x_t, timesteps)
+        a_t = abar[timestep]
         if clip_x0 is not None:
             x0 = jnp.clip(x0, -clip_x0, clip_x0)
-            eps = (x_t - jnp.sqrt(abar[timestep]) * x0) / jnp.sqrt(1.0 - abar[timestep])
-        a_t = abar[timestep]
+            eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
         a_s = jnp.where(previous_step >= 0, abar[jnp.maximum(previous_step, 0)], jnp.float32(1.0))
         # Posterior variance of the (respaced) chain: beta_tilde = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s).
         posterior_variance = (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
