@@ -42,11 +42,23 @@ from hypernets.loop import (
 )
 from hypernets.models.transformer import LOW_VOCAB, TokenTransformer, TransformerConfig
 from hypernets.objectives import autoregressive as objective_lib
-from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
+from hypernets.runs import (
+    CONFIG_NAME,
+    SAMPLES_DIRECTORY,
+    SAMPLES_SHARD,
+    check_run,
+    num_classes_of,
+    read_saved_run,
+    resolve_run_config,
+    restore_or_train,
+    sample_columns,
+    sample_labels,
+    write_run,
+    write_sample_fields,
+    write_sample_grid,
+)
 
 SAMPLE_TOKENS_DIRECTORY = "sample_tokens"
-SAMPLES_DIRECTORY = "samples"
-SAMPLES_SHARD = "samples-000000.parquet"
 GRID_NAME = "samples.png"
 # Config fields that may change between runs in one work directory (sampling, logging, devices).
 RERUN_FREE_FIELDS = ("num_samples", "temperature", "top_k", "sample_seed", "loop.wandb", "loop.num_devices")
@@ -149,11 +161,6 @@ def model_config_for(config: AutoregressiveConfig, vocab_size: int, sequence_len
         num_classes=num_classes if config.class_conditional else 0, factorized=factorized)
 
 
-def num_classes_of(labels: np.ndarray) -> int:
-    """Classes ``[0, max label]`` of a label column (0 when every label is unknown, -1)."""
-    return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
-
-
 def make_evaluate(model_config: TransformerConfig, tokens: np.ndarray, labels: np.ndarray, batch_size: int):
     """``evaluate(params, step) -> {"val_loss", "val_accuracy"}`` over every held-out row (None when empty)."""
     if len(tokens) == 0:
@@ -175,15 +182,6 @@ def make_evaluate(model_config: TransformerConfig, tokens: np.ndarray, labels: n
 
 
 # ------------------------------------------------------------------------------------------- sampling
-
-
-def sample_labels(config: AutoregressiveConfig, num_classes: int, label: int | None) -> np.ndarray:
-    """``[num_samples]`` int32: ``label`` or round-robin over the classes when conditional, else -1."""
-    if not config.class_conditional or num_classes == 0:
-        return np.full(config.num_samples, -1, np.int32)
-    if label is not None:
-        return np.full(config.num_samples, label, np.int32)
-    return (np.arange(config.num_samples) % num_classes).astype(np.int32)
 
 
 def draw_samples(model: TokenTransformer, params: Any, labels: np.ndarray, rules: objective_lib.TokenRules,
@@ -213,23 +211,20 @@ def write_samples(workdir: str, tokens: np.ndarray, labels: np.ndarray, dataset,
     Raises:
         UserError: decoded weights that are not finite.
     """
-    from fields.field_datasets import write_shard, write_token_shard
+    from fields.field_datasets import write_token_shard
 
-    columns = {"source_id": [f"sample-{index:06d}" for index in range(len(tokens))],
-               "label": [int(label) for label in labels]}
     extra = {key: value for key, value in dataset.metadata.items() if key != "source_dataset"}
     extra["generator"] = generator
     write_token_shard(
-        os.path.join(workdir, SAMPLE_TOKENS_DIRECTORY, SAMPLES_SHARD), tokens, columns, dataset.tokenizer,
-        dataset.field_kind, dataset.field_config, dataset.param_map, normalization_mode=dataset.normalization_mode,
-        normalization=dataset.normalization, source_dataset=dataset.metadata.get("source_dataset"),
-        extra_schema_metadata=extra)
+        os.path.join(workdir, SAMPLE_TOKENS_DIRECTORY, SAMPLES_SHARD), tokens, sample_columns(labels),
+        dataset.tokenizer, dataset.field_kind, dataset.field_config, dataset.param_map,
+        normalization_mode=dataset.normalization_mode, normalization=dataset.normalization,
+        source_dataset=dataset.metadata.get("source_dataset"), extra_schema_metadata=extra)
     weights = dataclasses.replace(dataset, tokens=tokens).decode_weights()
     if not np.all(np.isfinite(weights)):
         bad = int(np.count_nonzero(~np.all(np.isfinite(weights), axis=1)))
         raise UserError(f"{bad} sampled field(s) decode to non-finite weights; see {SAMPLE_TOKENS_DIRECTORY}/")
-    write_shard(os.path.join(workdir, SAMPLES_DIRECTORY, SAMPLES_SHARD), weights, columns, dataset.field_kind,
-                dataset.field_config, dataset.param_map, extra_schema_metadata=extra)
+    write_sample_fields(workdir, weights, labels, dataset, extra)
     return weights
 
 
@@ -277,7 +272,6 @@ def _check_sampling_arguments(args, config: AutoregressiveConfig, num_classes: i
 
 def main(argv: list[str] | None = None) -> int:
     from hypernets.datasets import BatchStream, load_token_splits
-    from hypernets.loop import train
 
     args = build_parser().parse_args(argv)
     initialize_distributed_from_args(args)
@@ -309,18 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     task = objective_lib.AutoregressiveTask(TokenTransformer(model_config))
     stream = BatchStream({"tokens": train_data.tokens, "labels": train_data.labels.astype(np.int32)},
                          config.loop.batch_size, seed=config.loop.seed)
-    if args.sample_only:  # restore the newest checkpoint without training (stop at step 0)
-        result = train(task, stream, config.loop, args.workdir, progress=False, run_config=current, stop_at_step=0)
-        if result.step == 0:
-            raise UserError(f"--sample-only: {args.workdir} holds no checkpoint yet (train first)")
-    else:
-        evaluate = make_evaluate(model_config, val_data.tokens, val_data.labels, config.loop.batch_size)
-        result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,
-                       run_config=current)
+    evaluate = None if args.sample_only else make_evaluate(model_config, val_data.tokens, val_data.labels,
+                                                           config.loop.batch_size)
+    result = restore_or_train(task, stream, config.loop, args.workdir, current, sample_only=args.sample_only,
+                              evaluate=evaluate, progress=not args.quiet)
     params = jax.tree_util.tree_map(np.asarray, result.ema_params)  # sample on one device
     step = int(result.step)
 
-    labels = sample_labels(config, num_classes, args.label)
+    labels = sample_labels(config.num_samples, num_classes, config.class_conditional, args.label)
     rules = objective_lib.token_rules(dataset.tokenizer)
     tokens = draw_samples(task.model, params, labels, rules, config.sampling(), config.sample_seed,
                           args.sample_batch_size)

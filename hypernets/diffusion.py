@@ -28,10 +28,19 @@ from fields.weights import NORMALIZATION_MODES
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.dit import DiT, WeightChunker
 from hypernets.objectives import diffusion as objective_lib
-from hypernets.runs import CONFIG_NAME, check_run, read_saved_run, resolve_run_config, write_run, write_sample_grid
+from hypernets.runs import (
+    CONFIG_NAME,
+    check_run,
+    num_classes_of,
+    read_saved_run,
+    resolve_run_config,
+    restore_or_train,
+    sample_labels,
+    write_run,
+    write_sample_fields,
+    write_sample_grid,
+)
 
-SAMPLES_DIRECTORY = "samples"
-SAMPLES_SHARD = "samples-000000.parquet"
 # Fields that may differ between runs in one work directory (sampling options, logging, devices).
 RERUN_FREE_FIELDS = ("num_samples", "sampler", "sample_steps", "eta", "guidance_scale", "clip_x0", "loop.wandb",
                      "loop.num_devices")
@@ -246,26 +255,12 @@ def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, la
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def sample_labels(config: DiffusionConfig, num_classes: int) -> np.ndarray:
-    """``[num_samples]`` int32: round-robin over the classes when conditional, else -1."""
-    if config.class_conditional and num_classes > 0:
-        return (np.arange(config.num_samples) % num_classes).astype(np.int32)
-    return np.full(config.num_samples, -1, np.int32)
-
-
 def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, generator: dict) -> str:
     """Writes raw sampled weights ``[n, P]`` as a dataset of fields in ``workdir/samples``; returns its path."""
-    from fields.field_datasets import write_shard
-
-    directory = os.path.join(workdir, SAMPLES_DIRECTORY)
-    columns = {"source_id": [f"sample-{index:06d}" for index in range(len(raw))],
-               "label": [int(label) for label in labels]}
     extra = dict(data.metadata)  # read_dataset's metadata holds no reserved keys
     extra["source"] = f"hypernets.diffusion samples ({generator.get('workdir', workdir)})"
     extra["generator"] = generator
-    write_shard(os.path.join(directory, SAMPLES_SHARD), raw, columns, data.field_kind, data.field_config,
-                data.param_map, extra_schema_metadata=extra)
-    return directory
+    return write_sample_fields(workdir, raw, labels, data, extra)
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -285,11 +280,6 @@ def resolve_config(args, saved: dict | None) -> DiffusionConfig:
         "normalization": args.normalization,
     }
     return resolve_run_config(DiffusionConfig, PRESETS, args, saved, "diffusion", overrides)
-
-
-def num_classes_of(labels: np.ndarray) -> int:
-    """Classes ``[0, max label]`` of a label column (0 when every label is unknown, -1)."""
-    return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
 
 
 def build_parser() -> ArgumentParser:
@@ -318,7 +308,6 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from hypernets.datasets import BatchStream, load_weight_splits
-    from hypernets.loop import train
 
     args = build_parser().parse_args(argv)
     saved = read_saved_run(args.workdir, "diffusion", "hypernets.diffusion")
@@ -343,18 +332,13 @@ def main(argv: list[str] | None = None) -> int:
 
     stream = BatchStream({"vectors": train_data.vectors, "labels": train_data.labels.astype(np.int32)},
                          config.loop.batch_size, seed=config.loop.seed)
-    if args.sample_only:  # restore the newest checkpoint without training (stop at step 0)
-        result = train(task, stream, config.loop, args.workdir, progress=False, run_config=run_config,
-                       stop_at_step=0)
-        if result.step == 0:
-            raise UserError(f"--sample-only: {args.workdir} holds no trained run (no checkpoint yet; train first)")
-    else:
-        evaluate = make_evaluate(task, val_data.vectors, val_data.labels, config.loop.batch_size, config.loop.seed)
-        result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,
-                       run_config=run_config)
+    evaluate = None if args.sample_only else make_evaluate(task, val_data.vectors, val_data.labels,
+                                                           config.loop.batch_size, config.loop.seed)
+    result = restore_or_train(task, stream, config.loop, args.workdir, run_config, sample_only=args.sample_only,
+                              evaluate=evaluate, progress=not args.quiet)
     params, step = jax.device_get(result.ema_params), result.step
 
-    labels = sample_labels(config, num_classes)
+    labels = sample_labels(config.num_samples, num_classes, config.class_conditional)
     normalized = sample_vectors(task, params, config, labels, seed=config.loop.seed + 1)
     raw = train_data.denormalize(normalized)
     if not np.all(np.isfinite(raw)):

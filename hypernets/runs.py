@@ -138,3 +138,57 @@ def resolve_run_config(config_class: type, presets: dict, args, saved: dict | No
         return dataclasses.replace(base, loop=loop, **{k: v for k, v in overrides.items() if v is not None})
     except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
+
+
+# ------------------------------------------------------------------------------------ generators' runs
+
+SAMPLES_DIRECTORY = "samples"
+SAMPLES_SHARD = "samples-000000.parquet"
+
+
+def num_classes_of(labels: np.ndarray) -> int:
+    """Classes ``[0, max label]`` of a label column (0 when every label is unknown, -1)."""
+    return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
+
+
+def sample_labels(num_samples: int, num_classes: int, conditional: bool, label: int | None = None) -> np.ndarray:
+    """``[num_samples]`` int32: ``label``, or round-robin over the classes, when conditional; else -1."""
+    if not conditional or num_classes == 0:
+        return np.full(num_samples, -1, np.int32)
+    if label is not None:
+        return np.full(num_samples, label, np.int32)
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def sample_columns(labels: np.ndarray) -> dict[str, list]:
+    """The metadata columns of sampled rows: ``source_id`` ``sample-000000``... and ``label``."""
+    return {"source_id": [f"sample-{index:06d}" for index in range(len(labels))],
+            "label": [int(label) for label in labels]}
+
+
+def write_sample_fields(workdir: str, weights: np.ndarray, labels: np.ndarray, dataset, extra: dict) -> str:
+    """Raw sampled weights ``[n, P]`` as the field dataset ``W/samples`` (laid out like ``dataset``: its
+    field kind, config and param map); returns the folder."""
+    from fields.field_datasets import write_shard
+
+    directory = os.path.join(workdir, SAMPLES_DIRECTORY)
+    write_shard(os.path.join(directory, SAMPLES_SHARD), weights, sample_columns(labels), dataset.field_kind,
+                dataset.field_config, dataset.param_map, extra_schema_metadata=extra)
+    return directory
+
+
+def restore_or_train(task, stream, loop_config, workdir: str, run_config: dict, *, sample_only: bool,
+                     evaluate=None, progress: bool = True):
+    """``hypernets.loop.train`` to the end; with ``sample_only``, only restore the newest checkpoint.
+
+    Raises:
+        UserError: ``sample_only`` and no checkpoint yet.
+    """
+    from hypernets.loop import train
+
+    if sample_only:  # restore the newest checkpoint without training (stop at step 0)
+        result = train(task, stream, loop_config, workdir, progress=False, run_config=run_config, stop_at_step=0)
+        if result.step == 0:
+            raise UserError(f"--sample-only: {workdir} holds no trained run (no checkpoint yet; train first)")
+        return result
+    return train(task, stream, loop_config, workdir, evaluate=evaluate, progress=progress, run_config=run_config)

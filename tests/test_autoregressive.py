@@ -250,7 +250,7 @@ def test_entry_point_trains_samples_resumes_and_refuses(token_data, tmp_path, ca
     shutil.rmtree(os.path.join(workdir, "checkpoints"))  # a saved config without a checkpoint
     status, _, err = run_entry_point(
         autoregressive.main, ["--data", tokens_dir, "--workdir", workdir, "--sample-only"], capsys)
-    assert_one_line_error(status, err, "holds no checkpoint yet")
+    assert_one_line_error(status, err, "holds no trained run (no checkpoint yet")
     status, _, err = run_entry_point(
         autoregressive.main, ["--data", tokens_dir, "--workdir", str(tmp_path / "empty"), "--sample-only"], capsys)
     assert_one_line_error(status, err, "holds no trained run")
