@@ -15,6 +15,7 @@ uniform): IoU and accuracy of ``logit > 0`` over all of it, and over its uniform
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -98,12 +99,6 @@ PRESETS: dict[str, OccupancyFitConfig] = {
 }
 
 
-def preset(name: str) -> OccupancyFitConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 @dataclasses.dataclass
 class OccupancyFitResult:
     """What ``fit_occupancy`` returns: final params (numpy), the field config, metrics and the
@@ -145,8 +140,10 @@ def make_train_chunk(model: OccupancyMLP, optimizer: optax.GradientTransformatio
     return jax.jit(train_chunk, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=8)
 def make_logits_fn(field_config: OccupancyFieldConfig) -> Callable[[dict, np.ndarray], np.ndarray]:
-    """Returns ``logits(params, points [n, 3]) -> [n]`` numpy, evaluated in fixed-size jitted chunks."""
+    """Returns ``logits(params, points [n, 3]) -> [n]`` numpy, evaluated in fixed-size jitted chunks
+    (cached per config, so evaluating many fields of one architecture compiles once)."""
     model = OccupancyMLP(field_config)
 
     @jax.jit
@@ -267,6 +264,27 @@ class OccupancyBatchResult:
     compile_seconds: float
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_batch_functions(config: OccupancyFitConfig, num_fields: int, num_points: int):
+    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields,
+    cached so that successive batches of one shape (``fields.encode_dataset``) compile once."""
+    optimizer = make_optimizer(config)
+
+    @jax.jit
+    def init(init_keys):
+        params = jax.vmap(lambda key: init_params(config.field, key))(init_keys)
+        return params, jax.vmap(optimizer.init)(params)
+
+    params, opt_state = jax.eval_shape(init, jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32))
+    points = jax.ShapeDtypeStruct((num_fields, num_points, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((num_fields, num_points), jnp.float32)
+    keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    single = make_train_chunk(OccupancyMLP(config.field), optimizer, config.batch_size)
+    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    return init, batched.lower(params, opt_state, points, labels, keys, scalar, scalar).compile()
+
+
 def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds) -> OccupancyBatchResult:
     """Fits one occupancy field per mesh, all at once: the single-field chunk under ``jax.vmap``.
 
@@ -288,28 +306,20 @@ def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds) -> OccupancyB
     points = jnp.asarray(np.stack([item.points for item in train]))
     labels = jnp.asarray(np.stack([item.labels for item in train]))
 
-    model = OccupancyMLP(config.field)
-    optimizer = make_optimizer(config)
     keys = jnp.stack([jnp.stack(jax.random.split(jax.random.PRNGKey(int(seed)))) for seed in seeds])
     init_keys, sample_keys = keys[:, 0], keys[:, 1]
-    params = jax.jit(jax.vmap(lambda key: init_params(config.field, key)))(init_keys)
-    opt_state = jax.jit(jax.vmap(optimizer.init))(params)
-    single = make_train_chunk(model, optimizer, config.batch_size)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
     compile_start = time.perf_counter()
-    compiled = batched.lower(params, opt_state, points, labels, sample_keys, jnp.int32(0), jnp.int32(1)).compile()
+    init, compiled = _compiled_batch_functions(config, len(meshes), int(points.shape[1]))
+    params, opt_state = init(init_keys)
     compile_seconds = time.perf_counter() - compile_start
 
-    train_seconds, step = 0.0, 0
-    losses = np.zeros(len(meshes), np.float32)
-    while step < config.steps:
+    train_start = time.perf_counter()
+    for step in range(0, config.steps, config.log_every):
         num_steps = min(config.log_every, config.steps - step)
-        start = time.perf_counter()
-        params, opt_state, chunk_losses = compiled(params, opt_state, points, labels, sample_keys, jnp.int32(step),
-                                                   jnp.int32(num_steps))
-        losses = np.asarray(chunk_losses)
-        train_seconds += time.perf_counter() - start
-        step += num_steps
+        params, opt_state, losses = compiled(params, opt_state, points, labels, sample_keys, jnp.int32(step),
+                                             jnp.int32(num_steps))
+    losses = np.asarray(losses)  # the one host read: the last chunk's mean losses (also the timing barrier)
+    train_seconds = time.perf_counter() - train_start
     bad = np.flatnonzero(~np.isfinite(losses))
     if len(bad):
         raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch")

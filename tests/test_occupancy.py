@@ -24,7 +24,7 @@ from fields.data.mesh_sampling import (
     winding_numbers,
 )
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params
-from fields.occupancy_fitting import extract_mesh, fit_occupancy, load_occupancy_field, preset
+from fields.occupancy_fitting import PRESETS, extract_mesh, fit_occupancy, load_occupancy_field
 from fields.weights import load_field
 from tests.helpers import assert_one_line_error, run_entry_point
 
@@ -90,7 +90,7 @@ def test_surface_points_sampling_and_mesh_checks():
 @pytest.fixture(scope="module")
 def sphere_fit():
     mesh = mesh_from_spec("procedural:sphere")
-    config = preset("tiny")
+    config = PRESETS["tiny"]
     return mesh, config, fit_occupancy(mesh, config, progress=False)
 
 
@@ -151,7 +151,7 @@ def test_cli_writes_its_files(tmp_path, capsys):
     _, field_dict, extra = load_field(str(workdir / "field.safetensors"), kind="occupancy")
     assert field_dict["hidden_width"] == 32 and extra["source"] == "procedural:torus"
     params, field_config = load_occupancy_field(str(workdir / "field.safetensors"))
-    assert field_config == preset("tiny").field
+    assert field_config == PRESETS["tiny"].field
     assert (workdir / "mesh.ply").read_bytes().startswith(b"ply\nformat binary_little_endian")
 
 
