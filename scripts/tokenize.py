@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fields.cli import ArgumentParser, UserError, run_main
 from fields.field_datasets import FIELDS_FORMAT, read_dataset, validate_shards, write_token_shard
 from fields.tokenizers import TOKENIZER_NAMES, Tokenizer, make_tokenizer, merge_ranges, section_ranges
-from fields.weights import NormalizationStats, section_slices, vector_to_params
+from fields.weights import NormalizationStats, section_slices
 
 DEFAULT_RENDER_SIZE = (28, 28)
 DEFAULT_UNIFORM_BITS = 8
@@ -144,22 +144,18 @@ def make_report(args, shards, load, tokenizer, stats, mode, out_paths, render_si
     max_abs = {section: 0.0 for section in sections}
     render_psnrs: list[float] = []
     worst_field = None
-    render = None
     from fields.image_fitting import FIELD_CONFIGS
 
-    if first.field_kind in FIELD_CONFIGS:
-        import jax
-        import jax.numpy as jnp
-
+    renders_images = first.field_kind in FIELD_CONFIGS
+    if renders_images:
         from fields import metrics
-        from fields.image_fitting import field_config_from_dict, make_renderer
+        from hypernets.rendering import RenderSettings, render_images
 
-        field_config = field_config_from_dict(first.field_kind, first.field_config, f"{shards[0]}: field_config")
         if render_size is None:
             stored = (first.metadata.get("image_height"), first.metadata.get("image_width"))
             render_size = tuple(int(v) for v in stored) if all(isinstance(v, int) for v in stored) else None
         render_size = render_size or DEFAULT_RENDER_SIZE
-        render = make_renderer(field_config, args.backend)
+        settings = RenderSettings(backend=args.backend)
         report["render_size"] = list(render_size)
     total = sum(len(load(shard)) for shard in shards)
     bar = tqdm(total=total, desc="report", unit="field", disable=args.quiet, dynamic_ncols=True)
@@ -173,27 +169,22 @@ def make_report(args, shards, load, tokenizer, stats, mode, out_paths, render_si
             counts[section] += block.size
             if block.size:
                 max_abs[section] = max(max_abs[section], float(np.max(np.abs(block))))
-        if render is not None:
+        if renders_images:  # every field of the shard at once (hypernets.rendering batches the renders)
             source_ids = original.columns.get("source_id", [""] * len(original))
-            pmap = original.param_map
+            fields = (original.field_kind, original.field_config, original.param_map, render_size, settings, shard)
+            reference, candidate = render_images(original.matrix, *fields), render_images(decoded, *fields)
             for row in range(len(original)):
-                reference = render(jax.tree_util.tree_map(jnp.asarray, vector_to_params(original.matrix[row], pmap)),
-                                   *render_size)
-                candidate = render(jax.tree_util.tree_map(jnp.asarray, vector_to_params(decoded[row], pmap)),
-                                   *render_size)
-                value = metrics.psnr(np.clip(candidate, 0.0, 1.0), np.clip(reference, 0.0, 1.0))
+                value = metrics.psnr(candidate[row], reference[row])
                 render_psnrs.append(value)
                 if worst_field is None or value < worst_field["render_psnr_db"]:
                     worst_field = {"shard": os.path.basename(shard), "row": row, "source_id": str(source_ids[row]),
                                    "render_psnr_db": value}
-                bar.update(1)
-        else:
-            bar.update(len(original))
+        bar.update(len(original))
         report["num_fields"] += len(original)
     bar.close()
     report["weight_rmse"] = {s: (squared[s] / counts[s]) ** 0.5 if counts[s] else None for s in sections}
     report["weight_max_abs_error"] = max_abs
-    if render is not None:
+    if renders_images:
         report["render_psnr_db"] = _summary(render_psnrs, worst="min")
         report["worst_field"] = worst_field
         report["render_psnr_note"] = (
