@@ -241,10 +241,10 @@ def fit_with_gate(job: EncodeJob, items, seeds):
     """Fits a batch; fields whose quality is below ``job.threshold`` are refitted once (other seed,
     twice the steps), then dropped. Returns ``(params [M, P], kept indices [M], quality [M],
     seeds [M], steps [M], refits, drops)``."""
-    from fields.weights import params_to_vector
+    from fields.weights import stacked_params_to_matrix
 
     params, quality = job.fit(items, job.config, seeds)
-    matrix = np.stack([params_to_vector(_field(params, i), job.pmap) for i in range(len(seeds))])
+    matrix = stacked_params_to_matrix(params, job.pmap)
     quality = np.asarray(quality, np.float32).copy()
     steps = np.full(len(seeds), job.config.steps, np.int32)
     seeds = np.asarray(seeds, np.int64)
@@ -256,9 +256,10 @@ def fit_with_gate(job: EncodeJob, items, seeds):
             retry_seeds = [int(seed) + 1_000_003 for seed in seeds[low]]
             retry_config = dataclasses.replace(job.config, steps=2 * job.config.steps)
             retry_params, retry_quality = job.fit(_take(items, low), retry_config, retry_seeds)
+            retry_matrix = stacked_params_to_matrix(retry_params, job.pmap)
             for slot, index in enumerate(low):
                 if retry_quality[slot] > quality[index] or not np.isfinite(quality[index]):
-                    matrix[index] = params_to_vector(_field(retry_params, slot), job.pmap)
+                    matrix[index] = retry_matrix[slot]
                     quality[index], seeds[index] = retry_quality[slot], retry_seeds[slot]
                     steps[index] = retry_config.steps
         keep = np.flatnonzero(quality >= job.threshold)
@@ -266,11 +267,6 @@ def fit_with_gate(job: EncodeJob, items, seeds):
     else:
         keep = np.arange(len(seeds))
     return matrix[keep], keep, quality[keep], seeds[keep], steps[keep], refits, drops
-
-
-def _field(params: dict, index: int) -> dict:
-    """Field ``index`` of params whose leaves have a leading field axis."""
-    return {name: _field(value, index) if isinstance(value, dict) else value[index] for name, value in params.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot write to --out {args.out}: {error.strerror or error}") from None
-    pmap_json = param_map_to_json(job.pmap)
-    manifest = {"param_map": json.loads(pmap_json) if isinstance(pmap_json, str) else pmap_json,
+    manifest = {"param_map": json.loads(param_map_to_json(job.pmap)),
                 "source": args.source, "num_items": job.source.num_items, **job.schema_metadata,
                 "field_kind": job.field_kind, "field_config": config_to_dict(job.field_config),
                 "fit": config_to_dict(job.config), "seed": args.seed, "quality": job.quality,

@@ -197,6 +197,31 @@ def _list_column(matrix: np.ndarray, value_type):
     return pa.FixedSizeListArray.from_arrays(values, int(matrix.shape[1]))
 
 
+def _field_entries(hfn_format: str, field_kind: str, field_config: Mapping[str, Any],
+                   pmap: Sequence[ParamEntry]) -> dict[str, str]:
+    """The schema metadata entries that field and token shards share."""
+    return {
+        "hfn_format": hfn_format,
+        "field_kind": field_kind,
+        "field_config": json.dumps(dict(field_config), sort_keys=True),
+        "param_map": param_map_to_json(pmap),
+    }
+
+
+def _write_table(path: str, column_name: str, column, metadata_columns: Mapping[str, Sequence[Any]] | None,
+                 entries: Mapping[str, str | None], extra_schema_metadata: Mapping[str, Any] | None,
+                 reserved: Sequence[str]) -> None:
+    """The data column ``[N]`` plus the metadata columns, with ``entries`` and the writer's extras
+    (none of them a ``reserved`` key) as schema metadata, written atomically."""
+    pa, _ = _pa()
+    arrays = {column_name: column, **_metadata_arrays(metadata_columns, len(column))}
+    extra = dict(extra_schema_metadata or {})
+    clash = sorted(set(extra) & set(reserved))
+    if clash:
+        raise ValueError(f"extra schema metadata uses reserved key(s) {clash}")
+    _write_atomic(path, pa.table(arrays).replace_schema_metadata(_schema_metadata(entries, extra)))
+
+
 def write_shard(
     path: str,
     params_matrix: np.ndarray,
@@ -232,21 +257,12 @@ def write_shard(
     total = param_count(pmap)
     if matrix.ndim != 2 or matrix.shape[1] != total:
         raise ValueError(f"params_matrix must be [N, {total}] for this param map, got {matrix.shape}")
-    arrays = {PARAMS_COLUMN: _list_column(matrix, pa.float32())}
-    arrays.update(_metadata_arrays(metadata_columns, matrix.shape[0]))
-    extra = dict(extra_schema_metadata or {})
-    clash = sorted(set(extra) & set(FIELD_RESERVED_KEYS))
-    if clash:
-        raise ValueError(f"extra schema metadata uses reserved key(s) {clash}")
     entries = {
-        "hfn_format": FIELDS_FORMAT,
-        "field_kind": field_kind,
-        "field_config": json.dumps(dict(field_config), sort_keys=True),
-        "param_map": param_map_to_json(pmap),
+        **_field_entries(FIELDS_FORMAT, field_kind, field_config, pmap),
         "normalization": normalization.to_json() if normalization is not None else None,
     }
-    table = pa.table(arrays).replace_schema_metadata(_schema_metadata(entries, extra))
-    _write_atomic(path, table)
+    _write_table(path, PARAMS_COLUMN, _list_column(matrix, pa.float32()), metadata_columns, entries,
+                 extra_schema_metadata, FIELD_RESERVED_KEYS)
 
 
 def write_token_shard(
@@ -289,17 +305,8 @@ def write_token_shard(
     if (normalization is None) != (normalization_mode is None):
         raise ValueError("give both normalization_mode and normalization, or neither")
     storage = tokenizer.storage_dtype
-    arrays = {TOKENS_COLUMN: _list_column(tokens.astype(storage), pa.from_numpy_dtype(storage))}
-    arrays.update(_metadata_arrays(metadata_columns, tokens.shape[0]))
-    extra = dict(extra_schema_metadata or {})
-    clash = sorted(set(extra) & set(TOKEN_RESERVED_KEYS))
-    if clash:
-        raise ValueError(f"extra schema metadata uses reserved key(s) {clash}")
     entries = {
-        "hfn_format": TOKENS_FORMAT,
-        "field_kind": field_kind,
-        "field_config": json.dumps(dict(field_config), sort_keys=True),
-        "param_map": param_map_to_json(pmap),
+        **_field_entries(TOKENS_FORMAT, field_kind, field_config, pmap),
         "tokenizer": tokenizer.to_json(),
         "token_normalization": (
             json.dumps({"mode": normalization_mode, "stats": json.loads(normalization.to_json())})
@@ -308,8 +315,8 @@ def write_token_shard(
         ),
         "source_dataset": json.dumps(dict(source_dataset)) if source_dataset is not None else None,
     }
-    table = pa.table(arrays).replace_schema_metadata(_schema_metadata(entries, extra))
-    _write_atomic(path, table)
+    _write_table(path, TOKENS_COLUMN, _list_column(tokens.astype(storage), pa.from_numpy_dtype(storage)),
+                 metadata_columns, entries, extra_schema_metadata, TOKEN_RESERVED_KEYS)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -458,7 +465,7 @@ def _normalization_from(path: str, value: Any) -> NormalizationStats | None:
         raise UserError(f"{path}: malformed normalization schema metadata ({_one_line(error)})") from None
 
 
-FIELD_HEADER_KEYS = ("hfn_format", "field_kind", "field_config", "param_map", "normalization")
+FIELD_HEADER_KEYS = FIELD_RESERVED_KEYS  # the keys every shard of a dataset must agree on
 TOKEN_HEADER_KEYS = ("hfn_format", "field_kind", "field_config", "param_map", "tokenizer", "token_normalization")
 
 

@@ -305,11 +305,11 @@ def merge_ranges(*parts: Mapping[str, Sequence[float]]) -> dict[str, tuple[float
 def make_tokenizer(
     name: str,
     bits: int | None = None,
-    matrix: np.ndarray | None = None,
     param_map: Sequence[ParamEntry] | None = None,
     ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> Tokenizer:
-    """Builds a tokenizer by name; ``uniform`` needs ``bits`` and ``ranges`` or a ``matrix``."""
+    """Builds a tokenizer by name; ``uniform`` needs ``bits`` and ``ranges`` (``section_ranges`` of
+    the data, or ``UniformTokenizer.from_matrix``)."""
     if name == "fp16":
         return FP16Tokenizer()
     if name == "fp8_e4m3":
@@ -317,12 +317,8 @@ def make_tokenizer(
     if name == "bf16":
         return BF16Tokenizer()
     if name == "uniform":
-        if bits is None:
-            raise ValueError("the uniform tokenizer needs bits")
-        if ranges is None:
-            if matrix is None:
-                raise ValueError("the uniform tokenizer needs ranges or a matrix to compute them from")
-            ranges = section_ranges(matrix, param_map)
+        if bits is None or ranges is None:
+            raise ValueError("the uniform tokenizer needs bits and ranges")
         return UniformTokenizer(bits, ranges, param_map)
     raise ValueError(f"unknown tokenizer {name!r}; choose one of {TOKENIZER_NAMES}")
 

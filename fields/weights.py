@@ -195,15 +195,16 @@ def param_map_from_json(text: str | bytes | list) -> list[ParamEntry]:
     return entries
 
 
-def _check_params_fit(flat: Mapping[str, np.ndarray], pmap: Sequence[ParamEntry]) -> None:
+def _check_params_fit(flat: Mapping[str, np.ndarray], pmap: Sequence[ParamEntry], lead: int = 0) -> None:
+    """Names and shapes (after ``lead`` leading axes) of ``flat`` match ``pmap``."""
     names = [entry.name for entry in pmap]
     if sorted(flat) != sorted(names):
         missing = sorted(set(names) - set(flat))
         extra = sorted(set(flat) - set(names))
         raise ValueError(f"params do not fit the param map (missing: {missing}, unexpected: {extra})")
     for entry in pmap:
-        if tuple(np.shape(flat[entry.name])) != entry.shape:
-            found = np.shape(flat[entry.name])
+        found = tuple(np.shape(flat[entry.name]))
+        if found[lead:] != entry.shape:
             raise ValueError(f"{entry.name}: shape {found} does not match the param map's {entry.shape}")
 
 
@@ -256,6 +257,16 @@ def matrix_to_params(matrix: np.ndarray, pmap: Sequence[ParamEntry]) -> dict[str
     if matrix.ndim != 2:
         raise ValueError(f"matrix must be [N, P], got shape {matrix.shape}")
     return vector_to_params(matrix, pmap)
+
+
+def stacked_params_to_matrix(params: Mapping[str, Any], pmap: Sequence[ParamEntry]) -> np.ndarray:
+    """Params whose leaves have a leading field axis ``[N, *shape]`` -> float32 matrix ``[N, P]`` laid out
+    by ``pmap`` (the inverse of ``matrix_to_params``)."""
+    flat = flatten_params(params)
+    _check_params_fit(flat, pmap, lead=1)
+    count = int(np.shape(flat[pmap[0].name])[0])
+    return np.concatenate([np.asarray(flat[entry.name], np.float32).reshape(count, entry.size) for entry in pmap],
+                          axis=1)
 
 
 def section_slices(pmap: Sequence[ParamEntry]) -> dict[str, np.ndarray]:

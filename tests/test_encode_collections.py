@@ -46,12 +46,12 @@ def test_sources_are_sniffed_and_labelled(mesh_folder, scene_folder, tmp_path):
     assert source_family(str(mesh_folder)) == "meshes" and source_family(f"meshes:{mesh_folder}") == "meshes"
     assert source_family(str(scene_folder)) == "scenes" and source_family("procedural:primitives") == "images"
     source = mesh_folder_source(str(mesh_folder))
-    assert source.files == ["round/sphere.obj", "round/torus.obj", "square/box.obj"]
+    assert source.items == ["round/sphere.obj", "round/torus.obj", "square/box.obj"]
     assert source.labels.tolist() == [0, 0, 1]
     loaded = source.load([2])[0]
     assert np.abs(loaded.vertices).max() <= 1.0
     scenes = scene_folder_source(str(scene_folder))
-    assert scenes.scenes == ["scene_0000", "scene_0001"] and scenes.caption(1).startswith("a")
+    assert scenes.items == ["scene_0000", "scene_0001"] and scenes.caption(1).startswith("a")
     train, test = scenes.load([0])[0]
     assert train.images.shape == (6, 16, 16, 4) and len(test) == 2
 

@@ -112,10 +112,10 @@ def test_encode_dataset_writes_shards_and_resumes(tmp_path, capsys):
     assert status == 0, err
     tables, ids = read_rows(out)
     assert len(tables) == 3 and len(ids) == 10 and len(set(ids)) == 10
-    schema = tables[0].schema
-    assert schema.field("params").type.list_size == tables[0].column("params").type.list_size
     manifest = json.loads((out / "field_config.json").read_text())
     assert manifest["field_kind"] == "ngp_image" and manifest["param_map"]
+    num_params = sum(entry["size"] for entry in manifest["param_map"])
+    assert all(table.schema.field("params").type.list_size == num_params for table in tables)
     assert {"source_id", "label", "psnr", "seed", "steps"} <= set(tables[0].column_names)
     assert all(0 <= label < len(SHAPES_2D) for label in tables[0].column("label").to_pylist())
     from fields.field_datasets import read_dataset

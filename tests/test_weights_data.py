@@ -42,6 +42,7 @@ from fields.weights import (
     params_to_vector,
     section_slices,
     stack_to_matrix,
+    stacked_params_to_matrix,
     vector_to_params,
 )
 
@@ -97,6 +98,7 @@ def test_param_map_and_vector_round_trips():
     assert matrix.shape == (3, param_count(pmap))
     stacked = matrix_to_params(matrix, pmap)
     assert stacked["mlp"]["dense_0"]["kernel"].shape == (3,) + params["mlp"]["dense_0"]["kernel"].shape
+    assert np.array_equal(stacked_params_to_matrix(stacked, pmap), matrix)
     for row, original in enumerate(params_list):
         assert leaves_equal(jax.tree_util.tree_map(lambda leaf, r=row: leaf[r], stacked), original)
 
@@ -111,6 +113,8 @@ def test_params_that_do_not_fit_the_map_are_rejected():
     other = init_params(0, NGPFieldConfig(grid=tiny_field_config().grid, hidden_width=4, num_hidden_layers=1))
     with pytest.raises(ValueError, match="shape"):
         params_to_vector(other, pmap)
+    with pytest.raises(ValueError, match="shape"):
+        stacked_params_to_matrix(jax.tree_util.tree_map(lambda leaf: leaf[None], other), pmap)
     with pytest.raises(ValueError):
         vector_to_params(np.zeros(param_count(pmap) + 1, np.float32), pmap)
 

@@ -36,46 +36,40 @@ def _class_labels(relative_paths: Sequence[str]) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class MeshSource:
-    """Mesh files under ``root``; ``load`` returns meshes normalised into ``[-1, 1]^3``."""
+class FolderSource:
+    """Items (files or folders, relative to ``root``, sorted) of a collection folder."""
 
     name: str
     root: str
-    files: list[str]  # relative to root
+    items: list[str]  # relative to root
     labels: np.ndarray
 
     @property
     def num_items(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def source_id(self, index: int) -> str:
-        return self.files[int(index)]
+        return self.items[int(index)]
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.items[int(index)])
+
+
+class MeshSource(FolderSource):
+    """Mesh files under ``root``; ``load`` returns meshes normalised into ``[-1, 1]^3``."""
 
     def load(self, indices: Sequence[int]) -> list:
         from fields.data.mesh_sampling import mesh_from_spec
 
-        return [mesh_from_spec(os.path.join(self.root, self.files[int(index)])) for index in indices]
+        return [mesh_from_spec(self.path(index)) for index in indices]
 
 
-@dataclasses.dataclass
-class SceneSource:
+class SceneSource(FolderSource):
     """Scene folders under ``root``; ``load`` returns ``(train, test)`` ``SceneData`` pairs."""
-
-    name: str
-    root: str
-    scenes: list[str]  # relative to root
-    labels: np.ndarray
-
-    @property
-    def num_items(self) -> int:
-        return len(self.scenes)
-
-    def source_id(self, index: int) -> str:
-        return self.scenes[int(index)]
 
     def caption(self, index: int) -> str:
         """The caption saved by ``scripts.make_scenes`` in ``scene.json`` ("" if none)."""
-        path = os.path.join(self.root, self.scenes[int(index)], "scene.json")
+        path = os.path.join(self.path(index), "scene.json")
         if not os.path.exists(path):
             return ""
         try:
@@ -89,7 +83,7 @@ class SceneSource:
 
         pairs = []
         for index in indices:
-            folder = os.path.join(self.root, self.scenes[int(index)])
+            folder = self.path(index)
             test_split = "test" if os.path.exists(os.path.join(folder, "transforms_test.json")) else "train"
             pairs.append((load_scene(folder, "train"), load_scene(folder, test_split)))
         return pairs
@@ -105,23 +99,21 @@ def find_scene_folders(root: str) -> list[str]:
     return sorted(os.path.relpath(folder, root) for folder, _, names in os.walk(root) if SCENE_MARKER in names)
 
 
-def mesh_folder_source(root: str, limit: int | None = None) -> MeshSource:
+def _folder_items(root: str, what: str, found: list[str], missing: str, limit: int | None) -> list[str]:
     if not os.path.isdir(root):
-        raise UserError(f"mesh folder not found: {root}")
-    files = find_mesh_files(root)
-    if not files:
-        raise UserError(f"no meshes ({', '.join(MESH_SUFFIXES)}) found in {root}")
-    files = files[:limit] if limit is not None else files
+        raise UserError(f"{what} folder not found: {root}")
+    if not found:
+        raise UserError(f"no {missing} found in {root}")
+    return found[:limit] if limit is not None else found
+
+
+def mesh_folder_source(root: str, limit: int | None = None) -> MeshSource:
+    files = _folder_items(root, "mesh", find_mesh_files(root), f"meshes ({', '.join(MESH_SUFFIXES)})", limit)
     return MeshSource(f"meshes:{root}", root, files, _class_labels(files))
 
 
 def scene_folder_source(root: str, limit: int | None = None) -> SceneSource:
-    if not os.path.isdir(root):
-        raise UserError(f"scene folder not found: {root}")
-    scenes = find_scene_folders(root)
-    if not scenes:
-        raise UserError(f"no scenes (folders with {SCENE_MARKER}) found in {root}")
-    scenes = scenes[:limit] if limit is not None else scenes
+    scenes = _folder_items(root, "scene", find_scene_folders(root), f"scenes (folders with {SCENE_MARKER})", limit)
     return SceneSource(f"scenes:{root}", root, scenes, np.full(len(scenes), -1, np.int32))
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import io
 import os
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -113,7 +114,7 @@ def idx_source(spec: str, size: tuple[int, int] | None, limit: int | None) -> Im
 
 def _decode_cell(value, where: str) -> np.ndarray:
     if isinstance(value, dict):
-        value = value.get("bytes") or (open(value["path"], "rb").read() if value.get("path") else None)
+        value = value.get("bytes") or (pathlib.Path(value["path"]).read_bytes() if value.get("path") else None)
     if isinstance(value, bytes | bytearray):
         try:
             with Image.open(io.BytesIO(value)) as image:

@@ -93,11 +93,9 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(stream)])
 
 
-def surface_points(mesh: Mesh, n: int, seed: int | np.random.Generator = 0, with_normals: bool = False):
+def surface_points(mesh: Mesh, n: int, seed: int | np.random.Generator = 0) -> np.ndarray:
     """``n`` points uniform over the surface area (float32 ``[n, 3]``), deterministic by ``seed``
     (an int, or a NumPy generator to draw from). For Chamfer distances, use the same ``n`` for both sides.
-
-    With ``with_normals``: ``(points, unit face normals [n, 3])``.
     """
     rng = _rng(seed, 7) if not isinstance(seed, np.random.Generator) else seed
     vertices = mesh.vertices.astype(np.float64)
@@ -113,11 +111,7 @@ def surface_points(mesh: Mesh, n: int, seed: int | np.random.Generator = 0, with
     root = np.sqrt(u)
     a, b, c = (vertices[faces[chosen, k]] for k in range(3))
     points = (1.0 - root)[:, None] * a + (root * (1.0 - v))[:, None] * b + (root * v)[:, None] * c
-    points = points.astype(np.float32)
-    if with_normals:
-        normals = cross[chosen] / np.maximum(area[chosen], 1e-30)[:, None]
-        return points, normals.astype(np.float32)
-    return points
+    return points.astype(np.float32)
 
 
 def _face_terms(vertices: np.ndarray, faces: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
