@@ -31,7 +31,7 @@ from fields.data.images import save_image
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
 from fields.models.ngp import NGPFieldConfig
 from fields.models.siren import MLPFieldConfig
-from fields.training import TrainingConfig, make_optimizer, optimizer_step
+from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
 from fields.weights import load_field, save_field
 
 RENDER_CHUNK = 1 << 16
@@ -364,16 +364,9 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
     params, opt_state = init(init_keys)
     compile_seconds = time.perf_counter() - compile_start
 
-    train_start = time.perf_counter()
-    for step in range(0, config.steps, config.log_every):
-        num_steps = min(config.log_every, config.steps - step)
-        params, opt_state, losses = compiled(params, opt_state, pixels, sample_keys, jnp.int32(step),
-                                             jnp.int32(num_steps))
-    losses = np.asarray(losses)  # the one host read: the last chunk's mean losses (also the timing barrier)
-    train_seconds = time.perf_counter() - train_start
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if len(bad):
-        raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch")
+    (params, opt_state), losses, train_seconds = run_batched_chunks(
+        lambda params, opt_state, first, count: compiled(params, opt_state, pixels, sample_keys, first, count),
+        (params, opt_state), config.steps, config.log_every)
 
     renders = render_batch(params, field_config, height, width, config.backend)
     errors = np.mean(np.square(renders.astype(np.float64) - images.astype(np.float64)), axis=(1, 2, 3))

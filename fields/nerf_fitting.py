@@ -25,7 +25,7 @@ from fields.models.hash_grid import BACKENDS, HashGridConfig
 from fields.models.nerf import NeRFField, NeRFFieldConfig
 from fields.rendering import occupancy_grid, volume
 from fields.rendering.occupancy_grid import OccupancyGridConfig
-from fields.training import TrainingConfig, make_optimizer, optimizer_step
+from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +325,22 @@ class NeRFBatchResult:
     compile_seconds: float
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple):
+    """The compiled ``jax.vmap`` of ``make_train_chunk`` for batches whose ``(state, data)`` has the tree
+    ``structure`` and ``leaf_shapes`` (``((shape, dtype), ...)``), cached so that successive batches of
+    one shape compile once."""
+    model = NeRFField(config.field, backend=config.backend)
+    single = make_train_chunk(model, make_optimizer(config), config)
+    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+    state, data = jax.tree_util.tree_unflatten(
+        structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_shapes])
+    num_fields = jax.tree_util.tree_leaves(state)[0].shape[0]
+    keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return batched.lower(state, data, keys, scalar, scalar).compile()
+
+
 def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | None = None) -> NeRFBatchResult:
     """Fits one NeRF per ``(train, test)`` scene pair, all at once: ``make_train_chunk`` under ``jax.vmap``.
 
@@ -348,24 +364,17 @@ def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | N
     state = stack(*[initial_state(dataclasses.replace(config, seed=int(seed)), model, optimizer) for seed in seeds])
     data = stack(*[scene_arrays(train) for train, _ in scenes])
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(seed)), 1) for seed in seeds])
-    single = make_train_chunk(model, optimizer, config)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
     compile_start = time.perf_counter()
-    compiled = batched.lower(state, data, keys, jnp.int32(0), jnp.int32(1)).compile()
+    leaves, structure = jax.tree_util.tree_flatten((state, data))
+    compiled = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
     compile_seconds = time.perf_counter() - compile_start
-    train_seconds, step = 0.0, 0
-    chunk = config.log_every * 4
-    while step < config.steps:
-        num_steps = min(chunk, config.steps - step)
-        start = time.perf_counter()
-        state, stats = compiled(state, data, keys, jnp.int32(step), jnp.int32(num_steps))
-        losses = np.asarray(stats["loss"])
-        train_seconds += time.perf_counter() - start
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if len(bad):
-            raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch "
-                                     f"in steps {step}..{step + num_steps}")
-        step += num_steps
+
+    def run_chunk(state, first, count):
+        state, stats = compiled(state, data, keys, first, count)
+        return state, stats["loss"]
+
+    (state,), _, train_seconds = run_batched_chunks(run_chunk, (state,), config.steps, config.log_every * 4,
+                                                    check_every_chunk=True)
     params = jax.tree_util.tree_map(np.asarray, state["params"])
     grids = jax.tree_util.tree_map(np.asarray, state["grid"])
     render = make_view_renderer(model, config)

@@ -40,7 +40,7 @@ from fields.data.mesh_sampling import (
 )
 from fields.data.meshes import Mesh
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params, param_shapes
-from fields.training import TrainingConfig, make_optimizer, optimizer_step
+from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
 from fields.weights import load_field, save_field
 
 FIELD_KIND = "occupancy"
@@ -313,16 +313,9 @@ def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds) -> OccupancyB
     params, opt_state = init(init_keys)
     compile_seconds = time.perf_counter() - compile_start
 
-    train_start = time.perf_counter()
-    for step in range(0, config.steps, config.log_every):
-        num_steps = min(config.log_every, config.steps - step)
-        params, opt_state, losses = compiled(params, opt_state, points, labels, sample_keys, jnp.int32(step),
-                                             jnp.int32(num_steps))
-    losses = np.asarray(losses)  # the one host read: the last chunk's mean losses (also the timing barrier)
-    train_seconds = time.perf_counter() - train_start
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if len(bad):
-        raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch")
+    (params, opt_state), losses, train_seconds = run_batched_chunks(
+        lambda params, opt_state, first, count: compiled(params, opt_state, points, labels, sample_keys, first, count),
+        (params, opt_state), config.steps, config.log_every)
     params = jax.tree_util.tree_map(np.asarray, params)
     per_field = [evaluate(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], params), config.field, held_out[i])
                  for i in range(len(meshes))]

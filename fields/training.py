@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -52,3 +56,34 @@ def optimizer_step(optimizer: optax.GradientTransformation, grads, opt_state, pa
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
+
+
+def run_batched_chunks(run_chunk: Callable, carry: tuple, num_steps: int, chunk_steps: int,
+                       check_every_chunk: bool = False) -> tuple[tuple, np.ndarray, float]:
+    """Runs a batched (leading field axis) training chunk over ``[0, num_steps)`` in chunks.
+
+    Args:
+        run_chunk: ``run_chunk(*carry, first_step, count) -> (*carry, losses [N])``, e.g. a compiled
+            ``jax.vmap`` of a fitter's ``train_chunk`` with its data bound.
+        carry: the state that goes round (params, optimizer state, ...).
+        check_every_chunk: read the losses after every chunk, so that a non-finite loss stops the
+            fit at once (long fits); otherwise the last chunk's losses are read once, at the end.
+
+    Returns:
+        ``(carry, losses [N] of the last chunk as numpy, seconds)``.
+
+    Raises:
+        FloatingPointError: naming the fields of the batch whose loss is not finite.
+    """
+    start = time.perf_counter()
+    losses = None
+    for first in range(0, num_steps, chunk_steps):
+        count = min(chunk_steps, num_steps - first)
+        *carry, losses = run_chunk(*carry, jnp.int32(first), jnp.int32(count))
+        if check_every_chunk or first + count == num_steps:
+            losses = np.asarray(losses)  # host read (also the timing barrier)
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if len(bad):
+                raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch "
+                                         f"by step {first + count}")
+    return tuple(carry), losses, time.perf_counter() - start
