@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import UserError
-from fields.weights import ParamEntry, param_count
+from fields.weights import ParamEntry, param_count, stacked_params_to_matrix
 
 TABLE_NAME = "hash_table"
 KERNEL_PATTERN = re.compile(r"^mlp/dense_(\d+)/kernel$")
@@ -245,14 +245,10 @@ def _fit_config(data_path: str, field_kind: str, field_config, steps: int, backe
     return dataclasses.replace(config, field=field_config, backend=backend)
 
 
-def _stacked_params_to_matrix(params: dict, pmap: Sequence[ParamEntry]) -> np.ndarray:
-    """Params whose leaves have a leading field axis ``[N, ...]`` -> ``[N, P]`` float32 laid out by ``pmap``."""
-    from fields.weights import flatten_params
-
-    flat = flatten_params(params)
-    count = next(iter(flat.values())).shape[0]
-    return np.concatenate([np.asarray(flat[entry.name], np.float32).reshape(count, entry.size) for entry in pmap],
-                          axis=1)
+def procedural_item(source_id: str) -> tuple[int, int] | None:
+    """``(generator seed, index)`` of a ``primitives/SEED/INDEX`` source id, else None."""
+    match = PROCEDURAL_ID.match(source_id)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int] = (1, 2, 3),
@@ -298,10 +294,10 @@ def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int
         raise UserError(f"{data_path}: rotated copies need square images, got {height}x{width}")
     identities = []
     for source_id in dataset.columns.get("source_id", []):
-        match = PROCEDURAL_ID.match(str(source_id))
-        if not match:
+        identity = procedural_item(str(source_id))
+        if identity is None:
             raise UserError(f"{data_path}: source id {source_id!r} is not of the form primitives/SEED/INDEX")
-        identities.append((int(match.group(1)), int(match.group(2))))
+        identities.append(identity)
     if len(identities) != len(dataset):
         raise UserError(f"{data_path} has no source_id column")
     steps = np.asarray(dataset.columns.get("steps", [-1]), np.int64)
@@ -336,7 +332,7 @@ def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int
             images = np.stack([np.rot90(primitive_image(index, seed, height)[0], int(k)) for seed, index in batch])
             batch_seeds = [max(original_seeds[start + i], 0) + 1_000_003 * int(k) for i in range(len(batch))]
             result = fit_image_batch(np.ascontiguousarray(images, np.float32), config, batch_seeds)
-            matrices.append(_stacked_params_to_matrix(result.params, dataset.param_map))
+            matrices.append(stacked_params_to_matrix(result.params, dataset.param_map))
             psnrs.extend(float(value) for value in result.psnr)
             seeds.extend(batch_seeds)
             if progress:

@@ -2,7 +2,7 @@
 
     python -m hypernets.autoencoder --data data/fields/primitives --workdir runs/autoencoder --preset small
     python -m hypernets.autoencoder --data data/fields/primitives --workdir runs/ae-transformer --model transformer
-    python -m hypernets.autoencoder --model sane ...      (hypernets.sane's SANE-style autoencoder, if installed)
+    python -m hypernets.autoencoder --model sane ...      (runs hypernets.sane, the SANE-style autoencoder)
 
 Each section of the weights (hash grid, MLP; ``fields.weights.section_slices``), normalised per
 section, gets its own encoder and decoder (``hypernets.models.weight_autoencoders``): 1D
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -298,7 +297,8 @@ def _write_bytes_atomic(path: str, payload: bytes) -> None:
             os.remove(temporary)
 
 
-def _write_json(path: str, values: dict) -> None:
+def write_json(path: str, values: dict) -> None:
+    """Writes ``values`` as indented, key-sorted JSON, atomically."""
     _write_bytes_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -479,13 +479,34 @@ def make_evaluate(network: WeightAutoencoder, validation, config: AutoencoderCon
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def write_latents(workdir: str, model: TrainedAutoencoder, splits: Sequence, step: int) -> str:
-    """Encodes every field of ``splits`` (``(train, validation)`` ``WeightData``) and writes them, in
-    the dataset's row order, to ``W/latents/latents-000000.parquet``; returns the folder."""
+def write_latent_shard(workdir: str, latents: np.ndarray, columns: dict[str, Sequence], metadata: dict) -> str:
+    """Writes ``latents [N, D]`` (``latent: fixed_size_list<float32>[D]``) and per-row ``columns`` atomically to
+    ``W/latents/latents-000000.parquet``, with ``hfn_format`` ``latents/v1`` and each ``metadata`` value as JSON
+    in the schema (what ``read_latents`` reads); returns the folder. Shared with ``hypernets.sane``.
+
+    Column types: ``source_id`` and ``split`` string, ``label`` and ``rotation`` int32, ``row`` int64, others
+    as pyarrow infers them.
+    """
     import pyarrow as pa
 
     from fields.field_datasets import _write_atomic
 
+    types = {"source_id": pa.string(), "label": pa.int32(), "split": pa.string(), "rotation": pa.int32(),
+             "row": pa.int64()}
+    latents = np.ascontiguousarray(latents, np.float32)
+    flat = pa.array(latents.reshape(-1), type=pa.float32())
+    arrays = {LATENT_COLUMN: pa.FixedSizeListArray.from_arrays(flat, int(latents.shape[1]))}
+    arrays.update({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
+    encoded = {b"hfn_format": LATENTS_FORMAT.encode()}
+    encoded.update({key.encode(): json.dumps(value).encode() for key, value in metadata.items()})
+    directory = os.path.join(workdir, LATENTS_DIRECTORY)
+    _write_atomic(os.path.join(directory, LATENTS_SHARD), pa.table(arrays).replace_schema_metadata(encoded))
+    return directory
+
+
+def write_latents(workdir: str, model: TrainedAutoencoder, splits: Sequence, step: int) -> str:
+    """Encodes every field of ``splits`` (``(train, validation)`` ``WeightData``) and writes them, in
+    the dataset's row order, to ``W/latents/latents-000000.parquet``; returns the folder."""
     names = ("train", "val")
     latents = np.concatenate([model.encode(split.vectors) for split in splits])
     rows = np.concatenate([np.asarray(split.rows, np.int64) for split in splits])
@@ -493,14 +514,8 @@ def write_latents(workdir: str, model: TrainedAutoencoder, splits: Sequence, ste
     split_names = [name for name, split in zip(names, splits, strict=True) for _ in range(len(split))]
     source_ids = [source for split in splits for source in split.source_ids]
     labels = np.concatenate([np.asarray(split.labels, np.int32) for split in splits])
-    flat = pa.array(np.ascontiguousarray(latents[order]).reshape(-1), type=pa.float32())
-    table = pa.table({
-        LATENT_COLUMN: pa.FixedSizeListArray.from_arrays(flat, model.latent_size),
-        "source_id": pa.array([source_ids[index] for index in order], type=pa.string()),
-        "label": pa.array(labels[order], type=pa.int32()),
-        "split": pa.array([split_names[index] for index in order], type=pa.string()),
-        "row": pa.array(rows[order], type=pa.int64()),
-    })
+    columns = {"source_id": [source_ids[index] for index in order], "label": labels[order],
+               "split": [split_names[index] for index in order], "row": rows[order]}
     train_latents = latents[: len(splits[0])]
     info = model.data_info
     metadata = {
@@ -511,11 +526,7 @@ def write_latents(workdir: str, model: TrainedAutoencoder, splits: Sequence, ste
         "latent_mean": np.mean(train_latents, axis=0).tolist() if len(train_latents) else [],
         "latent_std": np.std(train_latents, axis=0).tolist() if len(train_latents) else [],
     }
-    encoded = {b"hfn_format": LATENTS_FORMAT.encode()}
-    encoded.update({key.encode(): json.dumps(value).encode() for key, value in metadata.items()})
-    directory = os.path.join(workdir, LATENTS_DIRECTORY)
-    _write_atomic(os.path.join(directory, LATENTS_SHARD), table.replace_schema_metadata(encoded))
-    return directory
+    return write_latent_shard(workdir, latents[order], columns, metadata)
 
 
 def read_latents(path: str) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
@@ -573,8 +584,6 @@ def run_record(data_path: str, config: AutoencoderConfig) -> dict:
 
 def resolve_config(args, saved: dict | None) -> AutoencoderConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
-    if args.model == "sane":
-        raise UserError("--model sane needs hypernets/sane.py, which is not installed here")
     overrides = {"model": args.model, "latent_dims": args.latent_dims, "normalization": args.normalization,
                  "loss_weighting": args.loss_weighting}
     return resolve_run_config(AutoencoderConfig, PRESETS, args, saved, SECTION, overrides)
@@ -625,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     model_choice, rest = _model_choice(argv)
-    if model_choice == "sane" and importlib.util.find_spec("hypernets.sane") is not None:
+    if model_choice == "sane":  # imported by name (not at the top): hypernets.sane imports this module
         return importlib.import_module("hypernets.sane").main(rest)
 
     args = build_parser().parse_args(argv)
@@ -640,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_workdir(args.workdir)
     write_run(args.workdir, run_config)
     data_info = DataInfo.from_weight_data(train_data, args.data)
-    _write_json(os.path.join(args.workdir, DATA_INFO_NAME), data_info.to_dict())
+    write_json(os.path.join(args.workdir, DATA_INFO_NAME), data_info.to_dict())
     print(f"{len(train_data)} training fields, {len(val_data)} held out; {config.model} autoencoder: "
           f"{describe_sections(network)}")
 
@@ -658,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"step": int(result.step), "model": config.model, "num_params": network.num_params,
                "latent_size": network.latent_size, "section_latent_dims": network.section_latent_dims,
                "compression": network.compression, **result.evaluation}
-    _write_json(os.path.join(args.workdir, EVALUATION_NAME), summary)
+    write_json(os.path.join(args.workdir, EVALUATION_NAME), summary)
     print(f"step {result.step}: compression {network.compression:.1f}x ({network.num_params} weights -> "
           f"{network.latent_size} latents)" + "".join(f", {name} {value:.4g}" for name, value in
                                                      result.evaluation.items()))

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -50,7 +49,9 @@ import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
-from fields.weights import NORMALIZATION_MODES, ParamEntry, flatten_params, matrix_to_params, param_count
+from fields.weights import NORMALIZATION_MODES, ParamEntry, matrix_to_params, param_count, stacked_params_to_matrix
+from hypernets.augment import PROCEDURAL_SOURCE, procedural_item
+from hypernets.autoencoder import psnr_of_renders, write_json
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.conditional_hypernet import (
     CONDITION_KEYS,
@@ -75,7 +76,6 @@ SECTION = "conditional"
 PROGRAM = "hypernets.conditional"
 TEACHERS_DIRECTORY = "teachers"
 TEACHERS_SHARD = "teachers.parquet"
-PROCEDURAL_SOURCE = "procedural:primitives"
 LAYOUT_COLUMNS = ("centre_x", "centre_y", "radius", "angle")
 FIELDS_PER_FIT = 256
 BASELINE_ROWS = 256  # training teachers the condition-free baselines of the zero-shot report use
@@ -187,15 +187,6 @@ class TeacherSpec:
     seed: int = 0
 
 
-_PROCEDURAL_ID = re.compile(r"^primitives/(-?\d+)/(\d+)$")
-
-
-def procedural_item(source_id: str) -> tuple[int, int] | None:
-    """``(generator seed, index)`` of a ``primitives/SEED/INDEX`` source id, else None."""
-    match = _PROCEDURAL_ID.match(source_id)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
 def primitive_description(index: int, seed: int) -> dict[str, Any]:
     """Attributes and layout of procedural primitive ``index`` of generator ``seed``.
 
@@ -232,14 +223,6 @@ def layout_features(layouts: np.ndarray) -> np.ndarray:
     harmonics = np.arange(1, LAYOUT_HARMONICS + 1, dtype=np.float64)
     angles = layouts[:, 3:4] * harmonics[None, :]
     return np.concatenate([layouts[:, :3], np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
-
-
-def stacked_params_to_matrix(params: dict, pmap: list[ParamEntry]) -> np.ndarray:
-    """Params whose leaves have a leading field axis ``[N, ...]`` -> matrix ``[N, P]`` float32."""
-    flat = flatten_params(params)
-    count = int(np.shape(flat[pmap[0].name])[0])
-    return np.concatenate([np.asarray(flat[entry.name], np.float32).reshape(count, entry.size) for entry in pmap],
-                          axis=1)
 
 
 def make_teachers(directory: str, spec: TeacherSpec, backend: str, progress: bool = True) -> str:
@@ -670,14 +653,6 @@ def render_matrix(matrix: np.ndarray, teachers: TeacherData, backend: str) -> np
                         teachers.height, teachers.width, backend)
 
 
-def image_psnrs(renders: np.ndarray, references: np.ndarray) -> np.ndarray:
-    """``[n]`` float64 PSNR (dB) of each render against its reference, both ``[n, H, W, C]``."""
-    from fields import metrics
-
-    return np.asarray([metrics.psnr(render, reference) for render, reference in zip(renders, references,
-                                                                                     strict=True)], np.float64)
-
-
 def make_generator(task: ConditionalTask):
     """``generate(params, conditions) -> raw weights [n, P]`` numpy (jitted once per task)."""
     if task.compiled_generate is None:
@@ -700,9 +675,9 @@ def make_evaluate(task: ConditionalTask, teachers: TeacherData, conditions: Cond
     def evaluate(params: Any, step: int) -> dict[str, float]:
         del step
         renders = render_matrix(generate(params, inputs), teachers, backend)
-        results = {"heldout_psnr_vs_teacher": float(np.mean(image_psnrs(renders, teacher_renders)))}
+        results = {"heldout_psnr_vs_teacher": float(np.mean(psnr_of_renders(teacher_renders, renders)))}
         if true_images is not None:
-            results["heldout_psnr_vs_true"] = float(np.mean(image_psnrs(renders, true_images)))
+            results["heldout_psnr_vs_true"] = float(np.mean(psnr_of_renders(true_images, renders)))
         return results
 
     return evaluate
@@ -740,24 +715,12 @@ class FinetuneResult:
     final_psnr: np.ndarray
 
 
-@functools.lru_cache(maxsize=4)
-def _finetune_functions(fit_config, horizon: int, height: int, width: int):
-    """``(init_optimizer, train_chunk)`` jitted over a leading field axis, cached so that the runs from
-    generated and from fresh weights compile once."""
-    from fields.image_fitting import train_chunk_function
-    from fields.training import make_optimizer
-
-    model = fit_config.field.build(fit_config.backend)
-    optimizer = make_optimizer(dataclasses.replace(fit_config, steps=horizon))
-    single = train_chunk_function(model, optimizer, fit_config.batch_size, height, width)
-    return jax.jit(jax.vmap(optimizer.init)), jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)))
-
-
 def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarray, max_steps: np.ndarray,
                    fit_config, pmap: list[ParamEntry], seeds: np.ndarray, check_every: int) -> FinetuneResult:
-    """Fits fields to ``images`` from the weights ``start`` with the teachers' own step
-    (``fields.image_fitting.train_chunk_function`` under ``vmap``, Adam on the teacher's cosine schedule, a
-    fresh optimizer state) and counts the steps until each field's render PSNR reaches its target.
+    """Fits fields to ``images`` from the weights ``start`` with the teachers' own step (the compiled, vmapped
+    train chunk of ``fields.image_fitting.fit_image_batch``: Adam on the teacher's cosine schedule, a fresh
+    optimizer state) and counts the steps until each field's render PSNR reaches its target, checked every
+    ``check_every`` steps (one render and host read per check).
 
     Args:
         start: ``[n, P]`` raw starting weights.
@@ -769,21 +732,24 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
         seeds: ``[n]`` pixel-sampling seeds.
         check_every: steps between PSNR checks.
     """
-    from fields.image_fitting import render_batch
+    from fields.image_fitting import _compiled_batch_functions, render_batch
+    from fields.training import make_optimizer
 
     count, height, width, channels = images.shape
     max_steps = np.asarray(max_steps, np.int64)
     horizon = int(max_steps.max())
-    init_optimizer, train_chunk = _finetune_functions(fit_config, horizon, height, width)
+    schedule_config = dataclasses.replace(fit_config, steps=horizon)
+    # Cached: the runs from generated and from fresh weights share one compiled chunk (params and state donated).
+    _, train_chunk = _compiled_batch_functions(schedule_config, fit_config.field, count, height, width)
     params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(np.asarray(start, np.float32), pmap))
-    opt_state = init_optimizer(params)
+    opt_state = jax.vmap(make_optimizer(schedule_config).init)(params)
     pixels = jnp.asarray(images.reshape(count, height * width, channels), jnp.float32)
     sample_keys = jax.vmap(lambda seed: jax.random.split(jax.random.PRNGKey(seed))[1])(
         jnp.asarray(seeds, jnp.uint32))
     target_psnr = np.asarray(target_psnr, np.float64)
 
     def current_psnr(values) -> np.ndarray:
-        return image_psnrs(render_batch(values, fit_config.field, height, width, fit_config.backend), images)
+        return psnr_of_renders(images, render_batch(values, fit_config.field, height, width, fit_config.backend))
 
     psnr = current_psnr(params)
     steps = np.where(psnr >= target_psnr, 0, -1).astype(np.int64)
@@ -808,7 +774,7 @@ def retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, reference
     mean_image = np.repeat(renders.mean(axis=0, keepdims=True), len(references), axis=0)
     errors = np.mean(np.square(renders[None] - np.asarray(references, np.float64)[:, None]), axis=(2, 3, 4))
     nearest = -10.0 * np.log10(np.maximum(errors.min(axis=1), 1e-20))
-    return image_psnrs(mean_image, references), nearest
+    return psnr_of_renders(references, mean_image), nearest
 
 
 def _mean(values) -> float | None:
@@ -839,12 +805,12 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
         train_renders = render_matrix(generate(params, conditions.rows(train_rows)), teachers, backend)
         train_reference = (true_images[len(held_rows):] if true_images is not None
                            else render_matrix(teachers.matrix[train_rows], teachers, backend))
-        report["mean_train_generated_psnr"] = _mean(image_psnrs(train_renders, train_reference))
+        report["mean_train_generated_psnr"] = _mean(psnr_of_renders(train_reference, train_renders))
     path = os.path.join(workdir, "zero_shot.json")
     if not len(held_rows):
         report["note"] = ("zero_shot_items is 0" if config.zero_shot_items == 0
                           else "no held-out items: the rule leaves none of this dataset's fields out")
-        _write_json(path, report)
+        write_json(path, report)
         return report
 
     generated = generate(params, conditions.rows(held_rows))
@@ -852,9 +818,9 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
     teacher_renders = render_matrix(teacher_matrix, teachers, backend)
     generated_renders = render_matrix(generated, teachers, backend)
     reference = true_images[:len(held_rows)] if true_images is not None else teacher_renders
-    generated_psnr = image_psnrs(generated_renders, reference)
-    teacher_psnr = image_psnrs(teacher_renders, reference)
-    versus_teacher = image_psnrs(generated_renders, teacher_renders)
+    generated_psnr = psnr_of_renders(reference, generated_renders)
+    teacher_psnr = psnr_of_renders(reference, teacher_renders)
+    versus_teacher = psnr_of_renders(teacher_renders, generated_renders)
     caps = teachers.steps[held_rows]
     fit_seeds = teachers.seeds[held_rows]
     from_generated = finetune_steps(generated, reference, teacher_psnr, caps, teachers.fit_config,
@@ -888,18 +854,11 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
         "num_reached_from_fresh": int(np.sum(from_fresh.reached)),
         "finetune_steps_ratio": (mean_generated_steps / mean_fresh_steps) if mean_fresh_steps else None,
     })
-    _write_json(path, report)
+    write_json(path, report)
     triples = np.stack([image_previews(reference), image_previews(generated_renders),
                         image_previews(teacher_renders)], axis=1)
     save_grid(os.path.join(workdir, "zero_shot.png"), triples.reshape((-1,) + triples.shape[2:]), columns=3)
     return report
-
-
-def _write_json(path: str, values: dict) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(values, handle, indent=2)
-    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -1011,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.quiet)
     teachers = load_teachers(data, config.backend)
     task, conditions, held_out, rule, train_rows, arrays = prepare_training(config, teachers)
-    _write_json(os.path.join(args.workdir, "vocabulary.json"), conditions.vocabulary)
+    write_json(os.path.join(args.workdir, "vocabulary.json"), conditions.vocabulary)
     print(f"{len(train_rows)} training teachers, {int(np.sum(held_out))} held out ({rule}); "
           f"{teachers.height}x{teachers.width} images, {teachers.matrix.shape[1]} weights per field; "
           f"condition {config.condition}{' + layout' if config.layout else ''}, {config.variant} hypernetwork")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -56,14 +55,13 @@ from fields.config import config_to_dict, config_to_json
 from fields.models.hash_grid import corner_indices_and_weights
 from fields.weights import NORMALIZATION_MODES, ParamEntry
 from hypernets.augment import NGPLayout, augment, read_rotation_column, rotate_dataset_images
+from hypernets.autoencoder import render_psnr, renders_images, write_json, write_latent_shard
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.transformer import EncoderBlock
 from hypernets.objectives.contrastive import nt_xent
 from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
 
 NUM_ROTATIONS = 4
-LATENTS_DIRECTORY = "latents"
-LATENTS_SHARD = "latents-000000.parquet"
 PROBE_NAME = "probe.json"
 ROTATED_DIRECTORY = "rotated"
 MAX_EVAL_FIELDS = 64
@@ -614,20 +612,11 @@ def group_views(vectors: np.ndarray, labels: np.ndarray, source_ids: Sequence[st
 
 
 def mlp_token_psnr(original: np.ndarray, replaced: np.ndarray, data) -> float | None:
-    """Mean PSNR (dB) of the renders of raw fields ``replaced [n, P]`` (decoded MLP) against those of
-    ``original [n, P]``; None when the dataset does not record an image size."""
-    from fields.metrics import mse_to_psnr
-    from hypernets.rendering import RenderSettings, render_images
-
-    if "image_height" not in data.metadata or "image_width" not in data.metadata or not len(original):
+    """Mean PSNR (dB, each field's capped at 100) of the renders of raw fields ``replaced [n, P]`` (decoded MLP)
+    against those of ``original [n, P]``; None when the dataset does not record an image size."""
+    if not renders_images(data) or not len(original):
         return None
-    size = (int(data.metadata["image_height"]), int(data.metadata["image_width"]))
-    settings = RenderSettings()
-    both = render_images(np.concatenate([original, replaced]), data.field_kind, data.field_config, data.param_map,
-                         size, settings, where=data.path or "dataset")
-    reference, renders = both[: len(original)], both[len(original):]
-    errors = np.mean(np.square(renders.astype(np.float64) - reference.astype(np.float64)), axis=(1, 2, 3))
-    return float(np.mean([min(mse_to_psnr(error), 100.0) for error in errors]))
+    return float(np.mean(np.minimum(render_psnr(original, replaced, data), 100.0)))
 
 
 def reconstruction_report(task: SANETask, params: Any, data, limit: int = MAX_EVAL_FIELDS) -> dict[str, float]:
@@ -725,28 +714,6 @@ def linear_probe(latents_train: np.ndarray, labels_train: np.ndarray, latents_te
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def write_latents(workdir: str, latents: np.ndarray, columns: dict[str, Sequence], metadata: dict) -> str:
-    """Writes ``latents [N, D]`` and per-row columns as ``W/latents/latents-000000.parquet``; returns the folder."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    directory = os.path.join(workdir, LATENTS_DIRECTORY)
-    os.makedirs(directory, exist_ok=True)
-    latents = np.ascontiguousarray(latents, np.float32)
-    values = pa.array(latents.reshape(-1), type=pa.float32())
-    arrays = {"latent": pa.FixedSizeListArray.from_arrays(values, int(latents.shape[1]))}
-    types = {"source_id": pa.string(), "label": pa.int32(), "split": pa.string(), "rotation": pa.int32(),
-             "row": pa.int64()}
-    for name, values in columns.items():
-        arrays[name] = pa.array(list(values), type=types.get(name))
-    table = pa.table(arrays).replace_schema_metadata({key: json.dumps(value) for key, value in metadata.items()})
-    path = os.path.join(directory, LATENTS_SHARD)
-    temporary = path + ".tmp"
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
-    return directory
-
-
 def probe_report(config: SANEConfig, train_latents: np.ndarray, val_latents: np.ndarray, train_data, val_data,
                  train_rotations: np.ndarray, val_rotations: np.ndarray) -> dict[str, Any]:
     """The linear probes: class from latents, class from raw normalised weights (baseline, when small
@@ -787,7 +754,6 @@ def resolve_config(args, saved: dict | None) -> SANEConfig:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m hypernets.sane", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("sane",), help=argparse.SUPPRESS)
     parser.add_argument("--data", required=True, help="dataset of ngp_image fields (a .parquet shard or a folder)")
     parser.add_argument("--workdir", required=True, help="run directory (config, checkpoints, latents, probe.json)")
     parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the workdir's saved config, "
@@ -876,15 +842,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     generator = {"model": "hypernets.sane", "workdir": os.path.abspath(args.workdir), "step": int(step),
                  "data": os.path.abspath(data_path), "latent_dim": config.latent_dim}
-    directory = write_latents(args.workdir, np.concatenate([train_latents, val_latents]), columns,
-                              {"generator": generator})
+    directory = write_latent_shard(args.workdir, np.concatenate([train_latents, val_latents]), columns,
+                                   {"generator": generator})
     report = {"step": int(step), "data": os.path.abspath(data_path), "latent_dim": config.latent_dim,
               "num_train": len(train_data), "num_val": len(val_data),
               **probe_report(config, train_latents, val_latents, train_data, val_data, train_rotations,
                              val_rotations),
               "reconstruction": reconstruction_report(task, params, val_data)}
-    with open(os.path.join(args.workdir, PROBE_NAME), "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
+    write_json(os.path.join(args.workdir, PROBE_NAME), report)
     reconstruction = report["reconstruction"]
     psnr = reconstruction.get("val_mlp_psnr")
     print(f"step {step}: latents of {len(train_data) + len(val_data)} fields in {directory}; linear probe on "

@@ -28,6 +28,7 @@ from hypernets.augment import (
     read_rotation_column,
     rotate_dataset_images,
 )
+from hypernets.autoencoder import read_latents
 from hypernets.objectives.contrastive import nt_xent
 from tests.helpers import assert_one_line_error, run_entry_point
 
@@ -294,6 +295,10 @@ def test_cli_trains_writes_latents_and_probe_and_resumes(field_data, tmp_path, c
     source = read_dataset(field_data)
     by_row = dict(zip(table.column("row").to_pylist(), table.column("source_id").to_pylist(), strict=True))
     assert all(by_row[row] == source.columns["source_id"][row] for row in range(NUM_FIELDS))
+    # The latents are a latents/v1 dataset, as hypernets.autoencoder writes and reads them.
+    stored, columns, metadata = read_latents(os.path.join(workdir, "latents"))
+    np.testing.assert_array_equal(stored, latents)
+    assert columns["row"] == table.column("row").to_pylist() and metadata["generator"]["model"] == "hypernets.sane"
     with open(os.path.join(workdir, "probe.json")) as handle:
         report = json.load(handle)
     assert report["step"] == steps and report["num_val"] == table.column("split").to_pylist().count("val")

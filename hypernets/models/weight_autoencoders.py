@@ -86,8 +86,9 @@ def conv_length(size: int, channels: int, num_downsamples: int) -> int:
 # ------------------------------------------------------------------------------------ convolutional
 
 
-class ConvSectionEncoder(nn.Module):
-    """``[batch, size]`` section weights -> ``[batch, latent_dim]`` (see the module docstring)."""
+class ConvSection(nn.Module):
+    """What the convolutional section encoder and decoder share: ``size`` weights <-> a ``latent_dim`` latent
+    through ``len(widths)`` stride-2 (transposed) convolutions over ``channels`` weights per position."""
 
     size: int
     latent_dim: int
@@ -95,10 +96,18 @@ class ConvSectionEncoder(nn.Module):
     widths: tuple[int, ...] = (32, 64, 128)
     kernel_size: int = 5
 
+    @property
+    def length(self) -> int:
+        """Positions of the (zero-padded) section."""
+        return conv_length(self.size, self.channels, len(self.widths))
+
+
+class ConvSectionEncoder(ConvSection):
+    """``[batch, size]`` section weights -> ``[batch, latent_dim]`` (see the module docstring)."""
+
     @nn.compact
     def __call__(self, section: jax.Array) -> jax.Array:
-        batch = section.shape[0]
-        length = conv_length(self.size, self.channels, len(self.widths))
+        batch, length = section.shape[0], self.length
         x = _pad_to(jnp.asarray(section, jnp.float32), length * self.channels).reshape(batch, length, self.channels)
         x = nn.gelu(nn.Conv(self.widths[0], (self.kernel_size,), name="stem")(x))
         for index, width in enumerate(self.widths):
@@ -106,19 +115,12 @@ class ConvSectionEncoder(nn.Module):
         return nn.Dense(self.latent_dim, name="to_latent")(x.reshape(batch, -1))
 
 
-class ConvSectionDecoder(nn.Module):
+class ConvSectionDecoder(ConvSection):
     """``[batch, latent_dim]`` -> ``[batch, size]`` section weights, mirroring ``ConvSectionEncoder``."""
-
-    size: int
-    latent_dim: int
-    channels: int = 2
-    widths: tuple[int, ...] = (32, 64, 128)
-    kernel_size: int = 5
 
     @nn.compact
     def __call__(self, latent: jax.Array) -> jax.Array:
-        batch = latent.shape[0]
-        length = conv_length(self.size, self.channels, len(self.widths))
+        batch, length = latent.shape[0], self.length
         bottom = length >> len(self.widths)
         x = nn.Dense(bottom * self.widths[-1], name="from_latent")(jnp.asarray(latent, jnp.float32))
         x = nn.gelu(x.reshape(batch, bottom, self.widths[-1]))
@@ -133,8 +135,9 @@ class ConvSectionDecoder(nn.Module):
 # ------------------------------------------------------------------------------------ transformer
 
 
-class TransformerSectionEncoder(nn.Module):
-    """``[batch, size]`` section weights -> ``[batch, latent_dim]`` through learned latent tokens."""
+class TransformerSection(nn.Module):
+    """What the transformer section encoder and decoder share: ``size`` weights in ``chunk_size`` tokens,
+    ``num_latent_tokens`` latent tokens, ``depth`` ``EncoderBlock``s of ``width``."""
 
     size: int
     latent_dim: int
@@ -145,47 +148,47 @@ class TransformerSectionEncoder(nn.Module):
     num_latent_tokens: int = 4
     mlp_ratio: float = 4.0
 
+    @property
+    def num_tokens(self) -> int:
+        """Weight tokens of the section (the last one zero-padded)."""
+        return -(-self.size // self.chunk_size)
+
+    def blocks(self, x: jax.Array) -> jax.Array:
+        """``depth`` bidirectional blocks over ``[batch, T, width]`` (call inside ``nn.compact``)."""
+        for index in range(self.depth):
+            x = EncoderBlock(self.width, self.num_heads, self.mlp_ratio, name=f"block_{index}")(x)
+        return x
+
+
+class TransformerSectionEncoder(TransformerSection):
+    """``[batch, size]`` section weights -> ``[batch, latent_dim]`` through learned latent tokens."""
+
     @nn.compact
     def __call__(self, section: jax.Array) -> jax.Array:
-        batch = section.shape[0]
-        num_tokens = -(-self.size // self.chunk_size)
+        batch, num_tokens = section.shape[0], self.num_tokens
         tokens = _pad_to(jnp.asarray(section, jnp.float32), num_tokens * self.chunk_size)
         tokens = tokens.reshape(batch, num_tokens, self.chunk_size)
         positions = self.param("position_embedding", nn.initializers.normal(0.02), (num_tokens, self.width))
         x = nn.Dense(self.width, name="token_embedding")(tokens) + positions[None]
         latent_tokens = self.param("latent_tokens", nn.initializers.normal(0.02), (self.num_latent_tokens, self.width))
         x = jnp.concatenate([jnp.broadcast_to(latent_tokens[None], (batch,) + latent_tokens.shape), x], axis=1)
-        for index in range(self.depth):
-            x = EncoderBlock(self.width, self.num_heads, self.mlp_ratio, name=f"block_{index}")(x)
-        x = nn.LayerNorm(name="final_norm")(x[:, : self.num_latent_tokens])
+        x = nn.LayerNorm(name="final_norm")(self.blocks(x)[:, : self.num_latent_tokens])
         return nn.Dense(self.latent_dim, name="to_latent")(x.reshape(batch, -1))
 
 
-class TransformerSectionDecoder(nn.Module):
+class TransformerSectionDecoder(TransformerSection):
     """``[batch, latent_dim]`` -> ``[batch, size]`` section weights: latent tokens plus one learned query
     per weight token, read out as ``chunk_size`` weights each."""
 
-    size: int
-    latent_dim: int
-    chunk_size: int = 32
-    width: int = 128
-    depth: int = 2
-    num_heads: int = 4
-    num_latent_tokens: int = 4
-    mlp_ratio: float = 4.0
-
     @nn.compact
     def __call__(self, latent: jax.Array) -> jax.Array:
-        batch = latent.shape[0]
-        num_tokens = -(-self.size // self.chunk_size)
+        batch, num_tokens = latent.shape[0], self.num_tokens
         memory = nn.Dense(self.num_latent_tokens * self.width, name="from_latent")(jnp.asarray(latent, jnp.float32))
         memory = memory.reshape(batch, self.num_latent_tokens, self.width)
         # Unit-scale queries: their position information must survive next to the memory in the residual stream.
         queries = self.param("query_tokens", nn.initializers.normal(1.0), (num_tokens, self.width))
         x = jnp.concatenate([memory, jnp.broadcast_to(queries[None], (batch,) + queries.shape)], axis=1)
-        for index in range(self.depth):
-            x = EncoderBlock(self.width, self.num_heads, self.mlp_ratio, name=f"block_{index}")(x)
-        x = nn.LayerNorm(name="final_norm")(x[:, self.num_latent_tokens :])
+        x = nn.LayerNorm(name="final_norm")(self.blocks(x)[:, self.num_latent_tokens :])
         chunks = nn.Dense(self.chunk_size, kernel_init=nn.initializers.zeros, name="output")(x)
         return chunks.reshape(batch, num_tokens * self.chunk_size)[:, : self.size]
 
