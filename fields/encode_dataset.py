@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from fields.cli import ArgumentParser, UserError, run_main
 from fields.config import config_to_dict, resolve_preset
+from fields.files import write_json
 
 FIELD_FAMILIES = ("ngp", "siren", "fourier")
 
@@ -231,10 +232,7 @@ def check_or_write_manifest(out: str, manifest: dict) -> None:
             raise UserError(f"{out} holds fields of another configuration ({', '.join(changed)} differ); "
                             "use another --out")
         return
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+    write_json(path, manifest)
 
 
 def fit_with_gate(job: EncodeJob, items, seeds):

@@ -28,13 +28,13 @@ import dataclasses
 import glob
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fields.cli import UserError
+from fields.files import atomic_writer
 from fields.tokenizers import Tokenizer, tokenizer_from_json
 from fields.weights import NormalizationStats, ParamEntry, param_count, param_map_from_json, param_map_to_json
 
@@ -166,29 +166,11 @@ def _schema_metadata(core: Mapping[str, str | None], extra: Mapping[str, Any]) -
 
 
 def _write_atomic(path: str, table) -> None:
+    """Writes a parquet table atomically (``fields.files.atomic_writer``), zstd, row groups of ~``ROW_GROUP_BYTES``."""
     _, pq = _pa()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     row_bytes = max(1, table.nbytes // max(table.num_rows, 1))
-    row_group_size = max(1, ROW_GROUP_BYTES // row_bytes)
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".parquet.tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd", row_group_size=row_group_size)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        try:  # make the rename durable too (best effort; not every filesystem allows it)
-            directory_descriptor = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(directory_descriptor)
-            finally:
-                os.close(directory_descriptor)
-        except OSError:
-            pass
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_writer(path) as handle:
+        pq.write_table(table, handle, compression="zstd", row_group_size=max(1, ROW_GROUP_BYTES // row_bytes))
 
 
 def _list_column(matrix: np.ndarray, value_type):

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -63,20 +62,14 @@ def save_field(path: str, params: Mapping[str, Any], kind: str, field_config: di
         field_config: the field's architecture as a JSON-able dict.
         **metadata: further JSON-able entries (e.g. ``image_height``) stored in the metadata.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from fields.files import write_atomic
 
     tensors = {name: np.ascontiguousarray(value) for name, value in flatten_params(params).items()}
     header = {"format": METADATA_FORMAT, "kind": kind, "field_config": json.dumps(field_config)}
     header.update({key: json.dumps(value) for key, value in metadata.items()})
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary, metadata=header)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomic(path, save(tensors, metadata=header))
 
 
 def load_field(path: str, kind: str | None = None) -> tuple[dict[str, Any], dict, dict[str, Any]]:

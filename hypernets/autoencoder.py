@@ -33,7 +33,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.files import write_atomic, write_json
 from fields.weights import NORMALIZATION_MODES, NormalizationStats, ParamEntry, param_map_from_json, param_map_to_json
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.weight_autoencoders import KINDS, WeightAutoencoder
@@ -285,23 +285,6 @@ class DataInfo:
             raise UserError(f"{where}: malformed data description ({error})") from None
 
 
-def _write_bytes_atomic(path: str, payload: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: str, values: dict) -> None:
-    """Writes ``values`` as indented, key-sorted JSON, atomically."""
-    _write_bytes_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
-
-
 # ------------------------------------------------------------------------------------------- trained model
 
 
@@ -360,7 +343,7 @@ def save_params(workdir: str, params: Any) -> None:
     """Writes the parameters to ``W/autoencoder.msgpack`` (atomically)."""
     from flax import serialization
 
-    _write_bytes_atomic(os.path.join(workdir, PARAMS_NAME), serialization.msgpack_serialize(jax.device_get(params)))
+    write_atomic(os.path.join(workdir, PARAMS_NAME), serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_autoencoder(workdir: str) -> tuple[TrainedAutoencoder, Any, AutoencoderConfig, DataInfo]:

@@ -31,8 +31,8 @@ import optax
 
 from fields.cli import UserError
 from fields.config import ConfigError, config_from_dict, config_to_dict
+from fields.files import write_atomic
 from fields.training import optimizer_step
-from hypernets.runs import write_atomic
 
 PARAMS_FILE = "params.msgpack"
 INFO_FILE = "classifier.json"

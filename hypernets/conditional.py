@@ -49,9 +49,10 @@ import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.files import write_json
 from fields.weights import NORMALIZATION_MODES, ParamEntry, matrix_to_params, param_count, stacked_params_to_matrix
 from hypernets.augment import PROCEDURAL_SOURCE, procedural_item
-from hypernets.autoencoder import psnr_of_renders, write_json
+from hypernets.autoencoder import psnr_of_renders
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.conditional_hypernet import (
     CONDITION_KEYS,

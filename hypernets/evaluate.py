@@ -38,13 +38,14 @@ import numpy as np
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import config_to_dict, resolve_preset
 from fields.field_datasets import FieldDataset, read_dataset
+from fields.files import write_atomic
 from fields.weights import param_count, section_slices
 from hypernets import metrics
 from hypernets.classifier import PRESETS as CLASSIFIER_PRESETS
 from hypernets.classifier import ClassifierConfig, fallback_features, load_or_train
 from hypernets.datasets import label_column
 from hypernets.rendering import Renders, RenderSettings, render_fields, render_kind, save_grid
-from hypernets.runs import check_run, read_saved_run, write_atomic, write_run
+from hypernets.runs import check_run, read_saved_run, write_run
 
 NOISE_SIGMAS = (0.02, 0.04)
 PIXEL_DISTANCE = "pixel_rms"

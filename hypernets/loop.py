@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 from fields.checkpoint import Checkpointer
 from fields.cli import UserError, prepare_workdir
 from fields.config import config_to_dict
+from fields.files import write_atomic
 from hypernets.datasets import BatchStream
-from hypernets.runs import write_atomic
 
 WANDB_MODES = ("disabled", "offline", "online")
 FINAL_LEARNING_RATE_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak

@@ -3,8 +3,7 @@
 ``config.json`` holds a record such as ``{"data": path, "diffusion": {...config...}}``. Rerunning in
 the same work directory must use the same record, except for fields that only change sampling or
 logging (``free_fields``, dotted names such as ``"diffusion.num_samples"``). ``hypernets.evaluate``
-checks its ``OUT/config.json`` the same way. ``write_atomic`` is the hypernets' one atomic file writer
-(run records, histories, reports, classifier caches).
+checks its ``OUT/config.json`` the same way. Files are written atomically with :mod:`fields.files`.
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from fields.cli import UserError
+from fields.files import write_json
 
 CONFIG_NAME = "config.json"
 
@@ -73,23 +72,7 @@ def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iter
 
 def write_run(workdir: str, current: dict) -> None:
     """Saves ``W/config.json`` atomically."""
-    write_atomic(os.path.join(workdir, CONFIG_NAME), json.dumps(current, indent=2, sort_keys=True) + "\n")
-
-
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Writes ``data`` (text as UTF-8) to ``path`` through a synced temporary file in the same folder
-    and a rename, so readers and a job killed mid-write see the old file or the new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_json(os.path.join(workdir, CONFIG_NAME), current)
 
 
 def write_sample_grid(path: str, matrix: np.ndarray, dataset) -> bool:

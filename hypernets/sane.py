@@ -52,10 +52,11 @@ import optax
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import config_to_dict, config_to_json
+from fields.files import write_json
 from fields.models.hash_grid import corner_indices_and_weights
 from fields.weights import NORMALIZATION_MODES, ParamEntry
 from hypernets.augment import NGPLayout, augment, read_rotation_column, rotate_dataset_images
-from hypernets.autoencoder import render_psnr, renders_images, write_json, write_latent_shard
+from hypernets.autoencoder import render_psnr, renders_images, write_latent_shard
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.transformer import EncoderBlock
 from hypernets.objectives.contrastive import nt_xent
