@@ -83,3 +83,57 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return float(value)
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+# ------------------------------------------------------------------------------ saved run records
+
+
+def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_config_record(path: str) -> Any | None:
+    """A saved JSON record (a work directory's ``config.json``, a dataset's ``field_config.json``),
+    or None when the file does not exist.
+
+    Raises:
+        UserError: the file exists but does not parse.
+    """
+    import os
+
+    from fields.cli import UserError
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def check_run_config(directory: str, saved: dict | None, current: dict, free_fields=(), *,
+                     holds: str = "a run with a different config", option: str = "--workdir") -> None:
+    """Refuses (one-line ``UserError``: "``directory`` holds ``holds`` (first difference); use another
+    ``option``") a directory whose saved record differs from ``current`` outside ``free_fields``
+    (dotted names such as ``"diffusion.num_samples"``). Nothing to check when ``saved`` is None."""
+    from fields.cli import UserError
+
+    if saved is None:
+        return
+    saved_flat, current_flat = flatten_config(saved), flatten_config(json.loads(json.dumps(current)))
+    free = set(free_fields)
+    differences = [name for name in sorted(set(saved_flat) | set(current_flat))
+                   if name not in free and saved_flat.get(name) != current_flat.get(name)]
+    if differences:
+        name = differences[0]
+        more = f"; {len(differences) - 1} more" if len(differences) > 1 else ""
+        raise UserError(f"{directory} holds {holds} ({name}: {saved_flat.get(name)!r} there, "
+                        f"{current_flat.get(name)!r} now{more}); use another {option}")

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fields.cli import ArgumentParser, UserError, run_main
-from fields.config import config_to_dict, resolve_preset
+from fields.config import check_run_config, config_to_dict, read_config_record, resolve_preset
 from fields.files import write_json
 
 FIELD_FAMILIES = ("ngp", "siren", "fourier")
@@ -221,18 +221,10 @@ def shard_name(first: int, stop: int) -> str:
 def check_or_write_manifest(out: str, manifest: dict) -> None:
     """``field_config.json`` records what the folder holds; a different run into it is refused."""
     path = os.path.join(out, "field_config.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path} is unreadable ({error}); remove it or use another --out") from None
-        if saved != manifest:
-            changed = sorted(key for key in set(saved) | set(manifest) if saved.get(key) != manifest.get(key))
-            raise UserError(f"{out} holds fields of another configuration ({', '.join(changed)} differ); "
-                            "use another --out")
-        return
-    write_json(path, manifest)
+    saved = read_config_record(path)
+    check_run_config(out, saved, manifest, holds="fields of another configuration", option="--out")
+    if saved is None:
+        write_json(path, manifest)
 
 
 def fit_with_gate(job: EncodeJob, items, seeds):

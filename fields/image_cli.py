@@ -12,7 +12,7 @@ import json
 import os
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir
-from fields.config import resolve_preset
+from fields.config import check_run_config, read_config_record, resolve_preset
 from fields.image_fitting import (
     describe,
     fit_image,
@@ -64,19 +64,12 @@ def finished_run(workdir: str, run_config: dict) -> dict | None:
     Raises:
         UserError: the work directory holds a different configuration.
     """
-    config_path = os.path.join(workdir, "config.json")
+    saved = read_config_record(os.path.join(workdir, "config.json"))
+    if saved is None:
+        return None
+    check_run_config(workdir, saved, run_config, holds="a fit with a different configuration",
+                     option="--workdir or --overwrite")
     metrics_path = os.path.join(workdir, "metrics.json")
-    if not os.path.exists(config_path):
-        return None
-    try:
-        with open(config_path) as handle:
-            saved = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if saved != json.loads(json.dumps(run_config)):
-        raise UserError(
-            f"{workdir} holds a fit with a different configuration; use another --workdir or --overwrite"
-        )
     if not (os.path.exists(metrics_path) and os.path.exists(os.path.join(workdir, "field.safetensors"))):
         return None
     with open(metrics_path) as handle:

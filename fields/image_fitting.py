@@ -28,6 +28,7 @@ from fields import metrics
 from fields.cli import UserError
 from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json, resolve_preset
 from fields.data.images import save_image
+from fields.files import write_json
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
 from fields.models.ngp import NGPFieldConfig
 from fields.models.siren import MLPFieldConfig
@@ -414,8 +415,7 @@ def run_config_dict(config: ImageTrainingConfig, source: str) -> dict:
 
 
 def write_run_config(workdir: str, run_config: dict) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as handle:
-        json.dump(run_config, handle, indent=2, sort_keys=True)
+    write_json(os.path.join(workdir, "config.json"), run_config)
 
 
 def field_config_from_dict(kind: str, values: dict, where: str):

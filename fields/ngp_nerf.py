@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from fields import metrics
 from fields.cli import ArgumentParser, UserError, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json, resolve_preset
+from fields.config import (
+    ConfigError,
+    check_run_config,
+    config_from_dict,
+    config_to_dict,
+    config_to_json,
+    read_config_record,
+    resolve_preset,
+)
+from fields.files import write_json
 from fields.nerf_fitting import FIELD_KIND, PRESETS, NeRFFitConfig, Trainer
 from fields.weights import load_field, save_field
 
@@ -66,21 +75,14 @@ def prepare_workdir(workdir: str, run_config: dict, overwrite: bool) -> None:
     except OSError as error:
         raise UserError(f"cannot write to workdir {workdir}: {error.strerror or error}") from None
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and not overwrite:
-        try:
-            with open(path) as handle:
-                saved = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path} is unreadable ({error}); use --overwrite or another --workdir") from None
-        if saved != run_config:
-            raise UserError(f"{workdir} holds a run with a different configuration; "
-                            "use another --workdir or --overwrite")
+    if not overwrite:
+        check_run_config(workdir, read_config_record(path), run_config,
+                         holds="a run with a different configuration", option="--workdir or --overwrite")
     if overwrite:
         import shutil
 
         shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
-    with open(path, "w") as handle:
-        json.dump(run_config, handle, indent=2, sort_keys=True)
+    write_json(path, run_config)
 
 
 def train(trainer: Trainer, workdir: str, quiet: bool, checkpoint_every: int = 256) -> None:

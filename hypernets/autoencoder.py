@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
 from fields.files import write_atomic, write_json
 from fields.weights import NORMALIZATION_MODES, NormalizationStats, ParamEntry, param_map_from_json, param_map_to_json
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.weight_autoencoders import KINDS, WeightAutoencoder
-from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
+from hypernets.runs import read_saved_run, resolve_run_config, write_run
 
 SECTION = "autoencoder"
 PROGRAM = "hypernets.autoencoder"
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = read_saved_run(args.workdir, SECTION, PROGRAM)
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
-    check_run(args.workdir, saved, run_config, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, run_config, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
     print(config_to_json(config))
 
     train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)

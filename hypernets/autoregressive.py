@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import config_to_dict, config_to_json
+from fields.config import check_run_config, config_to_dict, config_to_json
 from hypernets.loop import (
     LoopConfig,
     add_distributed_arguments,
@@ -46,7 +46,6 @@ from hypernets.runs import (
     CONFIG_NAME,
     SAMPLES_DIRECTORY,
     SAMPLES_SHARD,
-    check_run,
     num_classes_of,
     read_saved_run,
     resolve_run_config,
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_workdir(args.workdir)
     current = {"data": os.path.abspath(args.data), "autoregressive": config_to_dict(config),
                "model": config_to_dict(model_config), "tokenizer": json.loads(dataset.tokenizer.to_json())}
-    check_run(args.workdir, saved, current, [f"autoregressive.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, current, [f"autoregressive.{name}" for name in RERUN_FREE_FIELDS])
     write_run(args.workdir, current)
     print(config_to_json(config))
     print(f"{len(train_data)} training fields, {len(val_data)} held out; {model_config.max_length} tokens each, "

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, config_from_dict, config_to_dict, config_to_json
+from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
 from fields.files import write_json
 from fields.weights import NORMALIZATION_MODES, ParamEntry, matrix_to_params, param_count, stacked_params_to_matrix
 from hypernets.augment import PROCEDURAL_SOURCE, procedural_item
@@ -71,7 +71,7 @@ from hypernets.models.conditional_hypernet import (
     tensor_specs,
     vector_to_field_params,
 )
-from hypernets.runs import check_run, read_saved_run, resolve_run_config, write_run
+from hypernets.runs import read_saved_run, resolve_run_config, write_run
 
 SECTION = "conditional"
 PROGRAM = "hypernets.conditional"
@@ -962,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     if data is not None:  # refuse NeRF and other field kinds before touching the work directory
         check_field_kind(dataset_field_kind(data), data)
     record = run_record(data, teacher_spec, config)
-    check_run(args.workdir, saved, record, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, record, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
     print(config_to_json(config))
     prepare_workdir(args.workdir)
     write_run(args.workdir, record)

@@ -23,14 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import config_to_dict, config_to_json
+from fields.config import check_run_config, config_to_dict, config_to_json
 from fields.weights import NORMALIZATION_MODES
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.dit import DiT, WeightChunker
 from hypernets.objectives import diffusion as objective_lib
 from hypernets.runs import (
     CONFIG_NAME,
-    check_run,
     num_classes_of,
     read_saved_run,
     resolve_run_config,
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--sample-only: {args.workdir} holds no trained run (no {CONFIG_NAME})")
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
-    check_run(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
     print(config_to_json(config))
 
     train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)

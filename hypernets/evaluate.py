@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import config_to_dict, resolve_preset
+from fields.config import check_run_config, config_to_dict, resolve_preset
 from fields.field_datasets import FieldDataset, read_dataset
 from fields.files import write_atomic
 from fields.weights import param_count, section_slices
@@ -45,7 +45,7 @@ from hypernets.classifier import PRESETS as CLASSIFIER_PRESETS
 from hypernets.classifier import ClassifierConfig, fallback_features, load_or_train
 from hypernets.datasets import label_column
 from hypernets.rendering import Renders, RenderSettings, render_fields, render_kind, save_grid
-from hypernets.runs import check_run, read_saved_run, write_run
+from hypernets.runs import read_saved_run, write_run
 
 NOISE_SIGMAS = (0.02, 0.04)
 PIXEL_DISTANCE = "pixel_rms"
@@ -136,7 +136,7 @@ def config_from_args(args) -> EvaluateConfig:
 def check_or_write_config(out: str, config: EvaluateConfig) -> None:
     """Saves ``config.json`` in ``out``; refuses an existing one that differs (one-line ``UserError``)."""
     values = config_to_dict(config)
-    check_run(out, read_saved_run(out, None, "hypernets.evaluate"), values,
+    check_run_config(out, read_saved_run(out, None, "hypernets.evaluate"), values,
               holds="an evaluation with other settings", option="--out")
     write_run(out, values)
 

@@ -8,29 +8,17 @@ checks its ``OUT/config.json`` the same way. Files are written atomically with :
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from fields.cli import UserError
+from fields.config import read_config_record
 from fields.files import write_json
 
 CONFIG_NAME = "config.json"
-
-
-def flatten_config(values: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b.c": value}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_saved_run(workdir: str, section: str | None, program: str) -> dict | None:
@@ -41,33 +29,12 @@ def read_saved_run(workdir: str, section: str | None, program: str) -> dict | No
             ``section`` (another program's run).
     """
     path = os.path.join(workdir, CONFIG_NAME)
-    if not os.path.exists(path):
+    saved = read_config_record(path)
+    if saved is None:
         return None
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
     if not isinstance(saved, dict) or (section is not None and not isinstance(saved.get(section), dict)):
         raise UserError(f"{path} is not a {program} run config")
     return saved
-
-
-def check_run(workdir: str, saved: dict | None, current: dict, free_fields: Iterable[str] = (), *,
-              holds: str = "a run with a different config", option: str = "--workdir") -> None:
-    """Refuses (one-line ``UserError``: "``workdir`` holds ``holds`` (first difference); use another
-    ``option``") a work directory whose saved record differs from ``current`` outside ``free_fields``."""
-    if saved is None:
-        return
-    saved_flat, current_flat = flatten_config(saved), flatten_config(current)
-    free = set(free_fields)
-    differences = [name for name in sorted(set(saved_flat) | set(current_flat))
-                   if name not in free and saved_flat.get(name) != current_flat.get(name)]
-    if differences:
-        name = differences[0]
-        more = f"; {len(differences) - 1} more" if len(differences) > 1 else ""
-        raise UserError(f"{workdir} holds {holds} ({name}: {saved_flat.get(name)!r} there, "
-                        f"{current_flat.get(name)!r} now{more}); use another {option}")
 
 
 def write_run(workdir: str, current: dict) -> None:

@@ -17,6 +17,7 @@ import pytest
 from fields import encode_dataset
 from fields.checkpoint import Checkpointer
 from fields.cli import ArgumentParser, UserError, run_main
+from fields.config import check_run_config
 from fields.field_datasets import read_dataset, write_shard
 from fields.weights import NormalizationStats, section_slices
 from hypernets.datasets import BatchStream, load_token_splits, load_weight_splits, split_by_source
@@ -27,7 +28,7 @@ from hypernets.loop import (
     loop_overrides,
     train,
 )
-from hypernets.runs import check_run, read_saved_run, write_run
+from hypernets.runs import read_saved_run, write_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 4
@@ -322,10 +323,10 @@ def test_loop_arguments_and_run_config(tmp_path):
     write_run(workdir, {"loop": {"steps": 7}})
     saved = read_saved_run(workdir, "loop", "toy")
     assert saved == {"loop": {"steps": 7}} and os.listdir(workdir) == ["config.json"]  # no temporary file left
-    check_run(workdir, saved, {"loop": {"steps": 7}})
+    check_run_config(workdir, saved, {"loop": {"steps": 7}})
     with pytest.raises(UserError, match=r"holds a run with a different config \(loop.steps: 7 there, 8 now\); use"):
-        check_run(workdir, saved, {"loop": {"steps": 8}})
-    check_run(workdir, saved, {"loop": {"steps": 8}}, free_fields=["loop.steps"])
+        check_run_config(workdir, saved, {"loop": {"steps": 8}})
+    check_run_config(workdir, saved, {"loop": {"steps": 8}}, free_fields=["loop.steps"])
     with pytest.raises(UserError, match="is not a toy run config"):
         read_saved_run(workdir, "diffusion", "toy")
 
