@@ -18,7 +18,6 @@ out by a param map, so the augmentations work on the rows of a dataset directly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -223,25 +222,32 @@ def read_rotation_column(path: str) -> np.ndarray | None:
     return values.astype(np.int32)
 
 
-def _fit_config(data_path: str, field_kind: str, field_config, steps: int, backend: str):
-    """The fitting config of the original fields: the ``fit`` entry of ``field_config.json`` next to
-    the shards when present (``fields.encode_dataset`` writes it), else the ``small`` preset with the
-    dataset's field config and ``steps``."""
-    from fields.config import ConfigError, config_from_dict
+def stored_fit_config(metadata: dict, data_path: str, field_kind: str, field_config, backend: str,
+                      steps: int | None = None):
+    """The config the fields of a dataset were fitted with: the ``fit`` entry of its schema metadata,
+    else of ``field_config.json`` beside the shards (``fields.encode_dataset`` writes it), else the
+    family's ``small`` preset (with ``steps`` when given). Its field config is ``field_config``.
+
+    Raises:
+        UserError: a stored ``fit`` entry that is not a valid config of that field family.
+    """
+    from fields.config import ConfigError, config_from_dict, read_config_record
     from fields.image_fitting import MLP_PRESETS, PRESETS, ImageFitConfig, MLPImageFitConfig
 
-    config_class = ImageFitConfig if field_kind == "ngp_image" else MLPImageFitConfig
-    manifest_path = os.path.join(data_path, "field_config.json") if os.path.isdir(data_path) else ""
-    config = None
-    if manifest_path and os.path.exists(manifest_path):
+    values = metadata.get("fit")
+    if values is None and os.path.isdir(data_path):
+        manifest = read_config_record(os.path.join(data_path, "field_config.json"))
+        values = manifest.get("fit") if isinstance(manifest, dict) else None
+    if isinstance(values, dict):
+        config_class = ImageFitConfig if field_kind == "ngp_image" else MLPImageFitConfig
         try:
-            with open(manifest_path) as handle:
-                config = config_from_dict(config_class, json.load(handle)["fit"], f"{manifest_path}: fit")
-        except (OSError, KeyError, json.JSONDecodeError, ConfigError):
-            config = None
-    if config is None:
-        base = PRESETS["small"] if field_kind == "ngp_image" else MLP_PRESETS[field_config.kind]["small"]
-        config = dataclasses.replace(base, steps=max(int(steps), 1))
+            config = config_from_dict(config_class, values, f"{data_path}: fit")
+        except ConfigError as error:
+            raise UserError(str(error)) from None
+    else:
+        config = PRESETS["small"] if field_kind == "ngp_image" else MLP_PRESETS[field_config.kind]["small"]
+        if steps is not None:
+            config = dataclasses.replace(config, steps=max(int(steps), 1))
     return dataclasses.replace(config, field=field_config, backend=backend)
 
 
@@ -301,7 +307,8 @@ def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int
     if len(identities) != len(dataset):
         raise UserError(f"{data_path} has no source_id column")
     steps = np.asarray(dataset.columns.get("steps", [-1]), np.int64)
-    config = _fit_config(data_path, dataset.field_kind, field_config, int(steps.max(initial=1)), backend)
+    config = stored_fit_config(dataset.metadata, data_path, dataset.field_kind, field_config, backend,
+                               int(steps.max(initial=1)))
 
     os.makedirs(out_path, exist_ok=True)
     extra = {key: value for key, value in dataset.metadata.items() if key not in FIELD_RESERVED_KEYS}

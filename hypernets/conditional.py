@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -48,10 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
+from fields.config import check_run_config, config_to_dict, config_to_json
 from fields.files import write_json
 from fields.weights import NORMALIZATION_MODES, ParamEntry, matrix_to_params, param_count, stacked_params_to_matrix
-from hypernets.augment import PROCEDURAL_SOURCE, procedural_item
+from hypernets.augment import PROCEDURAL_SOURCE, procedural_item, stored_fit_config
 from hypernets.autoencoder import psnr_of_renders
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.conditional_hypernet import (
@@ -352,30 +351,6 @@ def dataset_field_kind(path: str) -> str:
     return metadata.get(b"field_kind", b"").decode("utf-8", "replace")
 
 
-def teacher_fit_config(metadata: dict, path: str, field_config, backend: str):
-    """The ``ImageFitConfig`` the teachers were fitted with: the dataset's ``fit`` metadata, else the ``fit``
-    entry of the folder's ``field_config.json`` (``fields.encode_dataset``), else the ngp ``small`` preset."""
-    from fields.image_fitting import PRESETS as IMAGE_PRESETS
-    from fields.image_fitting import ImageFitConfig
-
-    values = metadata.get("fit")
-    manifest = os.path.join(path, "field_config.json")
-    if values is None and os.path.isdir(path) and os.path.exists(manifest):
-        try:
-            with open(manifest) as handle:
-                values = json.load(handle).get("fit")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            values = None
-    if isinstance(values, dict):
-        try:
-            config = config_from_dict(ImageFitConfig, values, f"{path}: fit")
-        except ConfigError as error:
-            raise UserError(str(error)) from None
-    else:
-        config = IMAGE_PRESETS["small"]
-    return dataclasses.replace(config, field=field_config, backend=backend)
-
-
 def _string_column(columns: dict, name: str, count: int) -> list[str] | None:
     if name not in columns:
         return None
@@ -434,7 +409,7 @@ def load_teachers(path: str, backend: str) -> TeacherData:
         layouts = np.asarray([[item[name] for name in LAYOUT_COLUMNS] for item in descriptions], np.float64)
     else:
         layouts = None
-    fit_config = teacher_fit_config(dataset.metadata, path, field_config, backend)
+    fit_config = stored_fit_config(dataset.metadata, path, dataset.field_kind, field_config, backend)
     steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
     steps = np.where(steps > 0, steps, fit_config.steps)
     seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else np.arange(count, dtype=np.int64)
