@@ -370,8 +370,7 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
         (params, opt_state), config.steps, config.log_every)
 
     renders = render_batch(params, field_config, height, width, config.backend)
-    errors = np.mean(np.square(renders.astype(np.float64) - images.astype(np.float64)), axis=(1, 2, 3))
-    psnrs = np.asarray([metrics.mse_to_psnr(error) for error in errors], np.float32)
+    psnrs = metrics.batch_psnr(renders, images).astype(np.float32)
     params = jax.tree_util.tree_map(np.asarray, params)
     return BatchFitResult(params, field_config, psnrs, losses, train_seconds, compile_seconds)
 

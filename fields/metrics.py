@@ -6,8 +6,15 @@ import numpy as np
 
 
 def mse_to_psnr(mse: float) -> float:
-    """PSNR in dB for images in [0, 1] from their mean squared error."""
+    """PSNR in dB for images in [0, 1] from their mean squared error (floored at 1e-20: at most 200 dB)."""
     return float(-10.0 * np.log10(max(float(mse), 1e-20)))
+
+
+def batch_psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-image PSNR (dB) of ``images`` against ``reference``, both ``[N, ...]`` in [0, 1] -> ``[N]`` float64."""
+    errors = np.mean(np.square(np.asarray(images, np.float64) - np.asarray(reference, np.float64)),
+                     axis=tuple(range(1, np.ndim(reference))))
+    return -10.0 * np.log10(np.maximum(errors, 1e-20))
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:

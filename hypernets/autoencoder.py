@@ -43,6 +43,7 @@ import numpy as np
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
 from fields.files import write_atomic, write_json
+from fields.metrics import batch_psnr
 from fields.weights import NORMALIZATION_MODES, NormalizationStats, ParamEntry, param_map_from_json, param_map_to_json
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.weight_autoencoders import KINDS, WeightAutoencoder
@@ -393,18 +394,6 @@ def load_autoencoder(workdir: str) -> tuple[TrainedAutoencoder, Any, Autoencoder
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def psnr_of_renders(reference: np.ndarray, renders: np.ndarray) -> np.ndarray:
-    """Per-field PSNR (dB) of ``renders`` against ``reference``, both ``[N, h, w, c]`` in [0, 1] -> ``[N]``.
-
-    Identical renders give 200 dB (the squared error is floored at 1e-20).
-    """
-    from fields.metrics import mse_to_psnr
-
-    errors = np.mean(np.square(np.asarray(renders, np.float64) - np.asarray(reference, np.float64)),
-                     axis=tuple(range(1, np.ndim(reference))))
-    return np.asarray([mse_to_psnr(error) for error in errors], np.float64)
-
-
 def renders_images(data) -> bool:
     """Whether fields described by ``data`` (``field_kind``, ``metadata``) render as images of known size."""
     from hypernets.rendering import IMAGE_KINDS
@@ -430,7 +419,7 @@ def render_psnr(original: np.ndarray, reconstructed: np.ndarray, data) -> np.nda
     Returns:
         ``[N]`` float64; 200 dB for identical renders.
     """
-    return psnr_of_renders(render(original, data).values, render(reconstructed, data).values)
+    return batch_psnr(render(reconstructed, data).values, render(original, data).values)
 
 
 def make_evaluate(network: WeightAutoencoder, validation, config: AutoencoderConfig):
@@ -451,7 +440,7 @@ def make_evaluate(network: WeightAutoencoder, validation, config: AutoencoderCon
         results = {"val_mse": float(np.mean(np.square(reconstruction - vectors)))}
         results.update({f"val_mse_{name}": float(value) for name, value in errors.items()})
         if reference is not None:
-            psnrs = psnr_of_renders(reference, render(validation.denormalize(reconstruction), validation).values)
+            psnrs = batch_psnr(render(validation.denormalize(reconstruction), validation).values, reference)
             results["val_render_psnr"] = float(np.mean(psnrs))
             results["val_render_psnr_min"] = float(np.min(psnrs))
         return results

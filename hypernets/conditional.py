@@ -49,9 +49,9 @@ import numpy as np
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import check_run_config, config_to_dict, config_to_json
 from fields.files import write_json
+from fields.metrics import batch_psnr
 from fields.weights import NORMALIZATION_MODES, ParamEntry, matrix_to_params, param_count, stacked_params_to_matrix
 from hypernets.augment import PROCEDURAL_SOURCE, procedural_item, stored_fit_config
-from hypernets.autoencoder import psnr_of_renders
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.conditional_hypernet import (
     CONDITION_KEYS,
@@ -651,9 +651,9 @@ def make_evaluate(task: ConditionalTask, teachers: TeacherData, conditions: Cond
     def evaluate(params: Any, step: int) -> dict[str, float]:
         del step
         renders = render_matrix(generate(params, inputs), teachers, backend)
-        results = {"heldout_psnr_vs_teacher": float(np.mean(psnr_of_renders(teacher_renders, renders)))}
+        results = {"heldout_psnr_vs_teacher": float(np.mean(batch_psnr(teacher_renders, renders)))}
         if true_images is not None:
-            results["heldout_psnr_vs_true"] = float(np.mean(psnr_of_renders(true_images, renders)))
+            results["heldout_psnr_vs_true"] = float(np.mean(batch_psnr(true_images, renders)))
         return results
 
     return evaluate
@@ -725,7 +725,7 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
     target_psnr = np.asarray(target_psnr, np.float64)
 
     def current_psnr(values) -> np.ndarray:
-        return psnr_of_renders(images, render_batch(values, fit_config.field, height, width, fit_config.backend))
+        return batch_psnr(images, render_batch(values, fit_config.field, height, width, fit_config.backend))
 
     psnr = current_psnr(params)
     steps = np.where(psnr >= target_psnr, 0, -1).astype(np.int64)
@@ -749,8 +749,8 @@ def retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, reference
     renders = render_matrix(teachers.matrix[train_rows], teachers, backend).astype(np.float64)
     mean_image = np.repeat(renders.mean(axis=0, keepdims=True), len(references), axis=0)
     errors = np.mean(np.square(renders[None] - np.asarray(references, np.float64)[:, None]), axis=(2, 3, 4))
-    nearest = -10.0 * np.log10(np.maximum(errors.min(axis=1), 1e-20))
-    return psnr_of_renders(references, mean_image), nearest
+    nearest = -10.0 * np.log10(np.maximum(errors.min(axis=1), 1e-20))  # [n, teachers] -> best per reference
+    return batch_psnr(references, mean_image), nearest
 
 
 def _mean(values) -> float | None:
@@ -781,7 +781,7 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
         train_renders = render_matrix(generate(params, conditions.rows(train_rows)), teachers, backend)
         train_reference = (true_images[len(held_rows):] if true_images is not None
                            else render_matrix(teachers.matrix[train_rows], teachers, backend))
-        report["mean_train_generated_psnr"] = _mean(psnr_of_renders(train_reference, train_renders))
+        report["mean_train_generated_psnr"] = _mean(batch_psnr(train_reference, train_renders))
     path = os.path.join(workdir, "zero_shot.json")
     if not len(held_rows):
         report["note"] = ("zero_shot_items is 0" if config.zero_shot_items == 0
@@ -794,9 +794,9 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
     teacher_renders = render_matrix(teacher_matrix, teachers, backend)
     generated_renders = render_matrix(generated, teachers, backend)
     reference = true_images[:len(held_rows)] if true_images is not None else teacher_renders
-    generated_psnr = psnr_of_renders(reference, generated_renders)
-    teacher_psnr = psnr_of_renders(reference, teacher_renders)
-    versus_teacher = psnr_of_renders(teacher_renders, generated_renders)
+    generated_psnr = batch_psnr(reference, generated_renders)
+    teacher_psnr = batch_psnr(reference, teacher_renders)
+    versus_teacher = batch_psnr(teacher_renders, generated_renders)
     caps = teachers.steps[held_rows]
     fit_seeds = teachers.seeds[held_rows]
     from_generated = finetune_steps(generated, reference, teacher_psnr, caps, teachers.fit_config,

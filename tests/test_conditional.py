@@ -14,9 +14,9 @@ from PIL import Image
 from fields.data.procgen_2d import SHAPES_2D, primitive_image
 from fields.data.procgen_3d import PALETTE
 from fields.field_datasets import read_dataset, write_shard
+from fields.metrics import batch_psnr
 from fields.weights import ParamEntry, param_count, vector_to_params
 from hypernets import conditional
-from hypernets.autoencoder import psnr_of_renders
 from hypernets.models.conditional_hypernet import (
     PAD_WORD,
     UNKNOWN_WORD,
@@ -220,7 +220,7 @@ def test_held_out_split_contains_no_training_combination(teachers, trained_run):
 def test_finetune_counter_is_zero_from_the_teachers_own_weights(teachers):
     rows = np.arange(2)
     images = teachers.true_images(rows)
-    target = psnr_of_renders(images, conditional.render_matrix(teachers.matrix[rows], teachers, "jax"))
+    target = batch_psnr(images, conditional.render_matrix(teachers.matrix[rows], teachers, "jax"))
     caps = teachers.steps[rows]
     result = conditional.finetune_steps(teachers.matrix[rows], images, target, caps, teachers.fit_config,
                                         teachers.param_map, teachers.seeds[rows], check_every=5)
