@@ -5,10 +5,12 @@
 /usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz --out data/fields/fmnist --shard 0/2
 
 Items are split into batches of ``--fields-per-batch``; each batch is fitted in one vmapped call
-(a leading field axis through the model, the compiled kernels and Adam; field ``i`` gets seed
-``--seed + i``) and written atomically as ``fields-FIRST-LAST.parquet``. ``--shard i/n`` takes every
-n-th batch, so processes or hosts can share the work. Rerunning the same command skips the shards
-that exist: a killed job loses at most the batch in flight and never duplicates a field.
+(a leading field axis through the model, the compiled kernels and Adam; field ``i`` samples its
+pixels/points/rays with seed ``--seed + i``; by default every field starts from the same initial
+weights, seeded by ``--seed``, which keeps the fields' weight spaces aligned) and written atomically
+as ``fields-FIRST-LAST.parquet``. ``--shard i/n`` takes every n-th batch, so processes or hosts can
+share the work. Rerunning the same command skips the shards that exist: a killed job loses at most
+the batch in flight and never duplicates a field.
 ``field_config.json`` holds the field config and the param map (also in each shard's schema).
 """
 
@@ -31,6 +33,7 @@ from fields.config import check_run_config, config_to_dict, read_config_record, 
 from fields.files import write_json
 
 FIELD_FAMILIES = ("ngp", "siren", "fourier")
+INIT_MODES = ("shared", "per-field")
 
 
 def build_parser() -> ArgumentParser:
@@ -52,6 +55,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--min-iou", type=float, help="the same gate for occupancy fields (IoU in [0, 1])")
     parser.add_argument("--eval-views", type=int, default=10, help="NeRF fields: test views scored (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="field i uses seed + i; procedural data seed")
+    parser.add_argument("--init", choices=INIT_MODES, default="shared",
+                        help="shared (default): every field starts from the same weights (from --seed), so the "
+                             "fields' weight spaces are aligned, as generative models over weights need; "
+                             "per-field: field i's weights start from seed + i")
     parser.add_argument("--backend", choices=("auto", "kernel", "jax"), default="auto")
     parser.add_argument("--quiet", action="store_true")
     return parser
@@ -83,7 +90,8 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 class EncodeJob:
     """One family of fields to encode: where the items come from and how a batch is fitted.
 
-    ``fit(items, config, seeds) -> (params with a leading field axis, quality [N])``; ``quality``
+    ``fit(items, config, seeds, init_seeds) -> (params with a leading field axis, quality [N])``
+    (``init_seeds`` None: each field's init comes from its seed); ``quality``
     names the per-field score (``psnr`` in dB, or ``iou``) and ``threshold`` the gate on it.
     """
 
@@ -125,8 +133,8 @@ def image_job(args, size) -> EncodeJob:
     source = open_image_source(args.source, args.num, args.seed, size)
     config = dataclasses.replace(config, field=dataclasses.replace(config.field, output_dim=source.channels))
 
-    def fit(images, fit_config, seeds):
-        result = fit_image_batch(images, fit_config, seeds)
+    def fit(images, fit_config, seeds, init_seeds):
+        result = fit_image_batch(images, fit_config, seeds, init_seeds)
         return result.params, result.psnr
 
     shapes = jax.eval_shape(lambda: config.field.build("jax").init(jax.random.PRNGKey(0),
@@ -151,8 +159,8 @@ def mesh_job(args) -> EncodeJob:
     config = resolve_preset(PRESETS, args.preset or "default", {"steps": args.steps}, "occupancy preset")
     source = mesh_folder_source(strip_family(args.source), args.num)
 
-    def fit(meshes, fit_config, seeds):
-        result = fit_occupancy_batch(meshes, fit_config, seeds)
+    def fit(meshes, fit_config, seeds, init_seeds):
+        result = fit_occupancy_batch(meshes, fit_config, seeds, init_seeds)
         return result.params, result.metrics["iou"]
 
     shapes = jax.eval_shape(lambda: init_params(config.field, jax.random.PRNGKey(0)))
@@ -174,9 +182,9 @@ def scene_job(args) -> EncodeJob:
                             "NeRF preset")
     source = scene_folder_source(strip_family(args.source), args.num)
 
-    def fit(scenes, fit_config, seeds):
+    def fit(scenes, fit_config, seeds, init_seeds):
         try:
-            result = fit_nerf_batch(scenes, fit_config, seeds, max_eval_views=args.eval_views)
+            result = fit_nerf_batch(scenes, fit_config, seeds, max_eval_views=args.eval_views, init_seeds=init_seeds)
         except ValueError as error:
             raise UserError(f"{source.name}: {error}; fit them in separate runs or use --fields-per-batch 1") from None
         return result.params, result.psnr
@@ -227,13 +235,17 @@ def check_or_write_manifest(out: str, manifest: dict) -> None:
         write_json(path, manifest)
 
 
-def fit_with_gate(job: EncodeJob, items, seeds):
-    """Fits a batch; fields whose quality is below ``job.threshold`` are refitted once (other seed,
-    twice the steps), then dropped. Returns ``(params [M, P], kept indices [M], quality [M],
-    seeds [M], steps [M], refits, drops)``."""
+def fit_with_gate(job: EncodeJob, items, seeds, init_seed: int | None = None):
+    """Fits a batch (every field's initial weights from ``init_seed`` when given, else from its own
+    seed); fields whose quality is below ``job.threshold`` are refitted once (other sampling seed,
+    twice the steps, same init), then dropped. Returns ``(params [M, P], kept indices [M],
+    quality [M], seeds [M], steps [M], refits, drops)``."""
     from fields.weights import stacked_params_to_matrix
 
-    params, quality = job.fit(items, job.config, seeds)
+    def init_seeds(count):
+        return None if init_seed is None else [init_seed] * count
+
+    params, quality = job.fit(items, job.config, seeds, init_seeds(len(seeds)))
     matrix = stacked_params_to_matrix(params, job.pmap)
     quality = np.asarray(quality, np.float32).copy()
     steps = np.full(len(seeds), job.config.steps, np.int32)
@@ -245,7 +257,8 @@ def fit_with_gate(job: EncodeJob, items, seeds):
             refits = len(low)
             retry_seeds = [int(seed) + 1_000_003 for seed in seeds[low]]
             retry_config = dataclasses.replace(job.config, steps=2 * job.config.steps)
-            retry_params, retry_quality = job.fit(_take(items, low), retry_config, retry_seeds)
+            retry_params, retry_quality = job.fit(_take(items, low), retry_config, retry_seeds,
+                                                  init_seeds(len(low)))
             retry_matrix = stacked_params_to_matrix(retry_params, job.pmap)
             for slot, index in enumerate(low):
                 if retry_quality[slot] > quality[index] or not np.isfinite(quality[index]):
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {"param_map": json.loads(param_map_to_json(job.pmap)),
                 "source": args.source, "num_items": job.source.num_items, **job.schema_metadata,
                 "field_kind": job.field_kind, "field_config": config_to_dict(job.field_config),
-                "fit": config_to_dict(job.config), "seed": args.seed, "quality": job.quality,
+                "fit": config_to_dict(job.config), "seed": args.seed, "init": args.init, "quality": job.quality,
                 f"min_{job.quality}": job.threshold, "fields_per_batch": per_batch}
     check_or_write_manifest(args.out, manifest)
 
@@ -297,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         items = job.load(indices)
         seeds = [args.seed + index for index in indices]
         try:
-            matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(job, items, seeds)
+            matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
+                job, items, seeds, args.seed if args.init == "shared" else None)
         except FloatingPointError as error:
             raise UserError(f"batch {first}..{stop - 1}: {error}") from None
         kept = [indices[k] for k in keep]
@@ -306,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": [int(job.source.labels[index]) for index in kept],
             job.quality: [float(value) for value in quality],
             "seed": [int(s) for s in used_seeds],
+            "init_seed": [args.seed if args.init == "shared" else int(s) for s in used_seeds],
             "steps": [int(s) for s in steps],
             **job.extra_columns(kept),
         }

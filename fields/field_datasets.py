@@ -48,6 +48,7 @@ METADATA_COLUMNS: dict[str, tuple[str, Any]] = {
     "label": ("int32", -1),
     "psnr": ("float32", float("nan")),
     "seed": ("int32", -1),
+    "init_seed": ("int32", -1),  # seed of the initial weights (shared by every field of an aligned dataset)
     "steps": ("int32", -1),
 }
 # Schema metadata keys this module writes; any other JSON-able entry may be added by a writer.

@@ -32,7 +32,7 @@ from fields.files import write_json
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
 from fields.models.ngp import NGPFieldConfig
 from fields.models.siren import MLPFieldConfig
-from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
+from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks, split_seed_keys
 from fields.weights import load_field, save_field
 
 RENDER_CHUNK = 1 << 16
@@ -341,7 +341,8 @@ def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fie
     return init, batched.lower(params, opt_state, pixels, keys, scalar, scalar).compile()
 
 
-def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequence[int]) -> BatchFitResult:
+def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequence[int],
+                    init_seeds: Sequence[int] | None = None) -> BatchFitResult:
     """Fits one field per image, all at once: the single-field step under ``jax.vmap``.
 
     Field ``i`` is initialised and sampled exactly as ``fit_image(images[i], replace(config,
@@ -351,14 +352,12 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
     Args:
         images: ``[N, height, width, channels]`` floats in [0, 1].
         seeds: ``[N]`` per-field seeds.
+        init_seeds: ``[N]`` seeds of the initial weights when they differ from ``seeds`` (one shared
+            seed aligns the fields' weight spaces, which generative models over weights need).
     """
     num_fields, height, width, channels = images.shape
-    if len(seeds) != num_fields:
-        raise ValueError(f"need one seed per image: {num_fields} images, {len(seeds)} seeds")
+    init_keys, sample_keys = split_seed_keys(seeds, init_seeds, num_fields, "image")
     field_config = dataclasses.replace(config.field, output_dim=channels)
-    keys = jax.vmap(lambda seed: jnp.stack(jax.random.split(jax.random.PRNGKey(seed))))(
-        jnp.asarray(seeds, jnp.uint32))
-    init_keys, sample_keys = keys[:, 0], keys[:, 1]
     pixels = jnp.asarray(images.reshape(num_fields, height * width, channels), jnp.float32)
     compile_start = time.perf_counter()
     init, compiled = _compiled_batch_functions(config, field_config, num_fields, height, width)

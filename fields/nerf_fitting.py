@@ -341,11 +341,13 @@ def _compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple):
     return batched.lower(state, data, keys, scalar, scalar).compile()
 
 
-def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | None = None) -> NeRFBatchResult:
+def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | None = None,
+                   init_seeds=None) -> NeRFBatchResult:
     """Fits one NeRF per ``(train, test)`` scene pair, all at once: ``make_train_chunk`` under ``jax.vmap``.
 
     Field ``i`` is initialised and sampled as ``Trainer(replace(config, seed=seeds[i]), train_i)``
-    would. The train splits must have the same number of images of the same size.
+    would. The train splits must have the same number of images of the same size. ``init_seeds``
+    (``[N]``, optional) seed the initial weights instead.
 
     Raises:
         ValueError: scenes of different shapes, or a seed count that does not match.
@@ -361,7 +363,10 @@ def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | N
     model = NeRFField(config.field, backend=config.backend)
     optimizer = make_optimizer(config)
     stack = functools.partial(jax.tree_util.tree_map, lambda *leaves: jnp.stack(leaves))
-    state = stack(*[initial_state(dataclasses.replace(config, seed=int(seed)), model, optimizer) for seed in seeds])
+    if init_seeds is not None and len(init_seeds) != len(scenes):
+        raise ValueError(f"need one init seed per scene: {len(scenes)} scenes, {len(init_seeds)} init seeds")
+    state = stack(*[initial_state(dataclasses.replace(config, seed=int(seed)), model, optimizer)
+                    for seed in (seeds if init_seeds is None else init_seeds)])
     data = stack(*[scene_arrays(train) for train, _ in scenes])
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(seed)), 1) for seed in seeds])
     compile_start = time.perf_counter()

@@ -40,7 +40,7 @@ from fields.data.mesh_sampling import (
 )
 from fields.data.meshes import Mesh
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params, param_shapes
-from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
+from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks, split_seed_keys
 from fields.weights import load_field, save_field
 
 FIELD_KIND = "occupancy"
@@ -285,19 +285,19 @@ def _compiled_batch_functions(config: OccupancyFitConfig, num_fields: int, num_p
     return init, batched.lower(params, opt_state, points, labels, keys, scalar, scalar).compile()
 
 
-def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds) -> OccupancyBatchResult:
+def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds, init_seeds=None) -> OccupancyBatchResult:
     """Fits one occupancy field per mesh, all at once: the single-field chunk under ``jax.vmap``.
 
     Field ``i`` samples its points and initialises exactly as ``fit_occupancy(meshes[i],
     replace(config, seed=seeds[i]))`` would, so batched and one-at-a-time fits agree up to float
-    rounding.
+    rounding. ``init_seeds`` (``[N]``, optional) seed the initial weights instead (see
+    ``fields.training.split_seed_keys``).
 
     Raises:
         ValueError: a mesh outside the box, or a seed count that does not match.
         FloatingPointError: a field's loss became non-finite (its index is named).
     """
-    if len(seeds) != len(meshes):
-        raise ValueError(f"need one seed per mesh: {len(meshes)} meshes, {len(seeds)} seeds")
+    init_keys, sample_keys = split_seed_keys(seeds, init_seeds, len(meshes), "mesh")
     for mesh in meshes:
         _check_in_box(mesh)
     pairs = list(zip(meshes, seeds, strict=True))
@@ -306,8 +306,6 @@ def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds) -> OccupancyB
     points = jnp.asarray(np.stack([item.points for item in train]))
     labels = jnp.asarray(np.stack([item.labels for item in train]))
 
-    keys = jnp.stack([jnp.stack(jax.random.split(jax.random.PRNGKey(int(seed)))) for seed in seeds])
-    init_keys, sample_keys = keys[:, 0], keys[:, 1]
     compile_start = time.perf_counter()
     init, compiled = _compiled_batch_functions(config, len(meshes), int(points.shape[1]))
     params, opt_state = init(init_keys)

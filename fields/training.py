@@ -87,3 +87,18 @@ def run_batched_chunks(run_chunk: Callable, carry: tuple, num_steps: int, chunk_
                 raise FloatingPointError(f"loss became non-finite for field(s) {bad.tolist()} of the batch "
                                          f"by step {first + count}")
     return tuple(carry), losses, time.perf_counter() - start
+
+
+def split_seed_keys(seeds, init_seeds, count: int, item: str) -> tuple[jax.Array, jax.Array]:
+    """Per-field ``(init keys [N, 2], sample keys [N, 2])``: both halves of ``split(PRNGKey(seed))``,
+    as a single fit with that seed uses them, except that the init half comes from ``init_seeds[i]``
+    when given (``split(PRNGKey(init_seed))[0]``)."""
+    if len(seeds) != count:
+        raise ValueError(f"need one seed per {item}: {count} {item}s, {len(seeds)} seeds")
+    if init_seeds is not None and len(init_seeds) != count:
+        raise ValueError(f"need one init seed per {item}: {count} {item}s, {len(init_seeds)} init seeds")
+    split = jax.vmap(lambda seed: jnp.stack(jax.random.split(jax.random.PRNGKey(seed))))
+    keys = split(jnp.asarray(np.asarray(seeds, np.int64) % (1 << 32), jnp.uint32))
+    init_keys = keys[:, 0] if init_seeds is None else split(
+        jnp.asarray(np.asarray(init_seeds, np.int64) % (1 << 32), jnp.uint32))[:, 0]
+    return init_keys, keys[:, 1]

@@ -319,9 +319,12 @@ def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int
         "label": [int(value) for value in dataset.columns.get("label", [-1] * len(dataset))],
     }
     original_seeds = [int(value) for value in dataset.columns.get("seed", [-1] * len(dataset))]
+    # Rotated copies start from the same initial weights as their originals (a shared init stays shared).
+    init_seeds = [int(value) for value in dataset.columns.get("init_seed", [-1] * len(dataset))]
 
     def write(k: int, matrix: np.ndarray, psnr: Sequence[float], seeds: Sequence[int], fit_steps: Sequence[int]):
         columns = {**base_columns, "psnr": [float(value) for value in psnr], "seed": [int(s) for s in seeds],
+                   "init_seed": [value if value >= 0 else int(s) for value, s in zip(init_seeds, seeds, strict=True)],
                    "steps": [int(s) for s in fit_steps], ROTATION_COLUMN: [int(k)] * len(matrix)}
         write_shard(os.path.join(out_path, f"rotation-{k}.parquet"), matrix, columns, dataset.field_kind,
                     dataset.field_config, dataset.param_map, extra_schema_metadata=extra)
@@ -338,7 +341,9 @@ def rotate_dataset_images(data_path: str, out_path: str, rotations: Sequence[int
             batch = identities[start:start + fields_per_batch]
             images = np.stack([np.rot90(primitive_image(index, seed, height)[0], int(k)) for seed, index in batch])
             batch_seeds = [max(original_seeds[start + i], 0) + 1_000_003 * int(k) for i in range(len(batch))]
-            result = fit_image_batch(np.ascontiguousarray(images, np.float32), config, batch_seeds)
+            batch_init = [init_seeds[start + i] if init_seeds[start + i] >= 0 else batch_seeds[i]
+                          for i in range(len(batch))]
+            result = fit_image_batch(np.ascontiguousarray(images, np.float32), config, batch_seeds, batch_init)
             matrices.append(stacked_params_to_matrix(result.params, dataset.param_map))
             psnrs.extend(float(value) for value in result.psnr)
             seeds.extend(batch_seeds)

@@ -123,7 +123,7 @@ def test_encode_scene_folder_into_nerf_fields(scene_folder, tmp_path, capsys):
 
     out = tmp_path / "nerf"
     argv = ["--source", str(scene_folder), "--preset", "tiny", "--steps", "8", "--eval-views", "1", "--out", str(out),
-            "--backend", "jax", "--quiet"]
+            "--backend", "jax", "--init", "per-field", "--quiet"]
     status, _, err = run_entry_point(encode_dataset.main, argv, capsys)
     assert status == 0, err
     dataset = read_dataset(str(out))

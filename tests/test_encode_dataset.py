@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -56,6 +57,29 @@ def test_batched_fits_equal_single_fits(family):
         single_leaf = single.params[leaf] if family == "ngp" else single.params[leaf]["kernel"]
         batch_leaf = batch.params[leaf][index] if family == "ngp" else batch.params[leaf]["kernel"][index]
         np.testing.assert_allclose(batch_leaf, single_leaf, rtol=2e-3, atol=2e-5)
+
+
+def test_shared_init_starts_every_field_from_the_same_weights():
+    # One image three times. Field 0 of the shared-init fit is the single fit with seed 5; fields 1
+    # and 2 start from the same weights but sample other pixels, so they stay far closer to field 0
+    # than fields fitted from their own initial weights.
+    from fields.weights import param_map, stacked_params_to_matrix
+
+    images = np.stack([primitive_image(0, 0, 16)[0]] * 3)
+    config = dataclasses.replace(PRESETS["small"], steps=10, log_every=5, backend="jax")
+    shared = fit_image_batch(images, config, seeds=[5, 8, 9], init_seeds=[5, 5, 5])
+    own = fit_image_batch(images, config, seeds=[5, 8, 9])
+    reference = fit_image(images[0], dataclasses.replace(config, seed=5), progress=False).params
+    for stacked, expected in zip(jax.tree_util.tree_leaves(shared.params), jax.tree_util.tree_leaves(reference),
+                                 strict=True):
+        np.testing.assert_allclose(stacked[0], expected, rtol=2e-3, atol=2e-5)
+    pmap = param_map(reference)
+    shared_rows, own_rows = (stacked_params_to_matrix(fit.params, pmap) for fit in (shared, own))
+    for index in (1, 2):
+        shared_gap = np.abs(shared_rows[index] - shared_rows[0]).mean()
+        assert shared_gap < 0.2 * np.abs(own_rows[index] - own_rows[0]).mean()
+    with pytest.raises(ValueError, match="one init seed per image"):
+        fit_image_batch(images, config, seeds=[7, 8, 9], init_seeds=[5])
 
 
 def test_idx_source_round_trip(tmp_path):
@@ -116,7 +140,9 @@ def test_encode_dataset_writes_shards_and_resumes(tmp_path, capsys):
     assert manifest["field_kind"] == "ngp_image" and manifest["param_map"]
     num_params = sum(entry["size"] for entry in manifest["param_map"])
     assert all(table.schema.field("params").type.list_size == num_params for table in tables)
-    assert {"source_id", "label", "psnr", "seed", "steps"} <= set(tables[0].column_names)
+    assert {"source_id", "label", "psnr", "seed", "init_seed", "steps"} <= set(tables[0].column_names)
+    # The default --init shared: every row is a fit from seed 0's initial weights.
+    assert set(tables[0].column("init_seed").to_pylist()) == {0} and manifest["init"] == "shared"
     assert all(0 <= label < len(SHAPES_2D) for label in tables[0].column("label").to_pylist())
     from fields.field_datasets import read_dataset
 
