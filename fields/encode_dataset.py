@@ -5,12 +5,12 @@
 /usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz --out data/fields/fmnist --shard 0/2
 
 Items are split into batches of ``--fields-per-batch``; each batch is fitted in one vmapped call
-(a leading field axis through the model, the compiled kernels and Adam; field ``i`` samples its
-pixels/points/rays with seed ``--seed + i``; by default every field starts from the same initial
-weights, seeded by ``--seed``, which keeps the fields' weight spaces aligned) and written atomically
-as ``fields-FIRST-LAST.parquet``. ``--shard i/n`` takes every n-th batch, so processes or hosts can
-share the work. Rerunning the same command skips the shards that exist: a killed job loses at most
-the batch in flight and never duplicates a field.
+(a leading field axis through the model, the compiled kernels and Adam) and written atomically as
+``fields-FIRST-LAST.parquet``. Field ``i`` samples its pixels/points/rays with seed ``--seed + i``;
+by default every field starts from the same initial weights, seeded by ``--init-seed`` (default
+``--seed``), which keeps the fields' weight spaces aligned. ``--shard i/n`` takes every n-th batch,
+so processes or hosts can share the work. Rerunning the same command skips the shards that exist:
+a killed job loses at most the batch in flight and never duplicates a field.
 ``field_config.json`` holds the field config and the param map (also in each shard's schema).
 """
 
@@ -59,6 +59,9 @@ def build_parser() -> ArgumentParser:
                         help="shared (default): every field starts from the same weights (from --seed), so the "
                              "fields' weight spaces are aligned, as generative models over weights need; "
                              "per-field: field i's weights start from seed + i")
+    parser.add_argument("--init-seed", type=int,
+                        help="with --init shared: the seed of the shared initial weights (default: --seed); give "
+                             "the train and test splits of one dataset the same value")
     parser.add_argument("--backend", choices=("auto", "kernel", "jax"), default="auto")
     parser.add_argument("--quiet", action="store_true")
     return parser
@@ -279,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--fields-per-batch must be >= 1, got {args.fields_per_batch}")
     if args.num is not None and args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
+    if args.init_seed is not None and args.init != "shared":
+        raise UserError("--init-seed applies to --init shared")
+    init_seed = (args.seed if args.init_seed is None else args.init_seed) if args.init == "shared" else None
     job = open_job(args)
     per_batch = args.fields_per_batch or DEFAULT_FIELDS_PER_BATCH[job.family]
 
@@ -292,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {"param_map": json.loads(param_map_to_json(job.pmap)),
                 "source": args.source, "num_items": job.source.num_items, **job.schema_metadata,
                 "field_kind": job.field_kind, "field_config": config_to_dict(job.field_config),
-                "fit": config_to_dict(job.config), "seed": args.seed, "init": args.init, "quality": job.quality,
+                "fit": config_to_dict(job.config), "seed": args.seed, "init": args.init,
+                "init_seed": init_seed, "quality": job.quality,
                 f"min_{job.quality}": job.threshold, "fields_per_batch": per_batch}
     check_or_write_manifest(args.out, manifest)
 
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [args.seed + index for index in indices]
         try:
             matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
-                job, items, seeds, args.seed if args.init == "shared" else None)
+                job, items, seeds, init_seed)
         except FloatingPointError as error:
             raise UserError(f"batch {first}..{stop - 1}: {error}") from None
         kept = [indices[k] for k in keep]
@@ -320,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": [int(job.source.labels[index]) for index in kept],
             job.quality: [float(value) for value in quality],
             "seed": [int(s) for s in used_seeds],
-            "init_seed": [args.seed if args.init == "shared" else int(s) for s in used_seeds],
+            "init_seed": [int(s) if init_seed is None else init_seed for s in used_seeds],
             "steps": [int(s) for s in steps],
             **job.extra_columns(kept),
         }

@@ -49,7 +49,7 @@ def image_source(split: str) -> str:
 def encode(work: str, split: str, num: int, seed: int) -> str:
     out = os.path.join(work, f"fields_{split}")
     run("fields.encode_dataset", "--source", image_source(split), "--num", str(num), "--size", "28x28",
-        "--preset", "small", "--out", out, "--seed", str(seed), "--quiet")
+        "--preset", "small", "--out", out, "--seed", str(seed), "--init-seed", "0", "--quiet")
     return out
 
 

@@ -213,6 +213,8 @@ def test_killed_encoding_resumes_without_loss_or_duplicates(tmp_path):
     (["--source", "procedural:primitives", "--out", "OUT", "--shard", "2/2"], "0 <= i < n"),
     (["--source", "procedural:primitives", "--out", "OUT", "--size", "big"], "HxW"),
     (["--source", "procedural:primitives", "--out", "OUT", "--preset", "huge"], "unknown ngp preset"),
+    (["--source", "procedural:primitives", "--out", "OUT", "--init", "per-field", "--init-seed", "3"],
+     "--init-seed applies to --init shared"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, expected):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
