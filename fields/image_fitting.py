@@ -32,7 +32,15 @@ from fields.files import write_json
 from fields.models.hash_grid import BACKENDS, HashGridConfig, kernels_available
 from fields.models.ngp import NGPFieldConfig
 from fields.models.siren import MLPFieldConfig
-from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks, split_seed_keys
+from fields.training import (
+    ONE_DEVICE,
+    FieldSharding,
+    TrainingConfig,
+    make_optimizer,
+    optimizer_step,
+    run_batched_chunks,
+    split_seed_keys,
+)
 from fields.weights import load_field, save_field
 
 RENDER_CHUNK = 1 << 16
@@ -320,9 +328,11 @@ class BatchFitResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fields: int, height: int, width: int):
-    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields,
-    cached so that successive batches of one shape (``fields.encode_dataset``) compile once."""
+def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fields: int, height: int, width: int,
+                              sharding: FieldSharding = ONE_DEVICE):
+    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields
+    (a multiple of ``sharding``'s device count), cached so that successive batches of one shape
+    (``fields.encode_dataset``) compile once."""
     model = field_config.build(config.backend)
     optimizer = make_optimizer(config)
     dummy = jnp.zeros((1, 2), jnp.float32)
@@ -336,13 +346,14 @@ def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fie
     pixels = jax.ShapeDtypeStruct((num_fields, height * width, field_config.output_dim), jnp.float32)
     keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
     single = train_chunk_function(model, optimizer, config.batch_size, height, width)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
+    batched = jax.vmap(single, in_axes=(0, 0, 0, 0, None, None))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return init, batched.lower(params, opt_state, pixels, keys, scalar, scalar).compile()
+    return init, sharding.compile(batched, (params, opt_state, pixels, keys, scalar, scalar), num_batched=4,
+                                  donate_argnums=(0, 1))
 
 
 def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequence[int],
-                    init_seeds: Sequence[int] | None = None) -> BatchFitResult:
+                    init_seeds: Sequence[int] | None = None, num_devices: int = 0) -> BatchFitResult:
     """Fits one field per image, all at once: the single-field step under ``jax.vmap``.
 
     Field ``i`` is initialised and sampled exactly as ``fit_image(images[i], replace(config,
@@ -354,23 +365,27 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
         seeds: ``[N]`` per-field seeds.
         init_seeds: ``[N]`` seeds of the initial weights when they differ from ``seeds`` (one shared
             seed aligns the fields' weight spaces, which generative models over weights need).
+        num_devices: local devices the fields are split over (0: all; see ``fields.training.FieldSharding``).
     """
     num_fields, height, width, channels = images.shape
     init_keys, sample_keys = split_seed_keys(seeds, init_seeds, num_fields, "image")
     field_config = dataclasses.replace(config.field, output_dim=channels)
-    pixels = jnp.asarray(images.reshape(num_fields, height * width, channels), jnp.float32)
+    sharding = FieldSharding.over(num_devices)
+    pixels = np.asarray(images, np.float32).reshape(num_fields, height * width, channels)
+    pixels, init_keys, sample_keys = sharding.place(sharding.pad((pixels, init_keys, sample_keys), num_fields))
     compile_start = time.perf_counter()
-    init, compiled = _compiled_batch_functions(config, field_config, num_fields, height, width)
-    params, opt_state = init(init_keys)
+    init, compiled = _compiled_batch_functions(config, field_config, sharding.padded(num_fields), height, width,
+                                               sharding)
+    params, opt_state = sharding.place(init(init_keys))
     compile_seconds = time.perf_counter() - compile_start
 
     (params, opt_state), losses, train_seconds = run_batched_chunks(
         lambda params, opt_state, first, count: compiled(params, opt_state, pixels, sample_keys, first, count),
-        (params, opt_state), config.steps, config.log_every)
+        (params, opt_state), config.steps, config.log_every, num_fields=num_fields)
 
+    params = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_fields], params)
     renders = render_batch(params, field_config, height, width, config.backend)
     psnrs = metrics.batch_psnr(renders, images).astype(np.float32)
-    params = jax.tree_util.tree_map(np.asarray, params)
     return BatchFitResult(params, field_config, psnrs, losses, train_seconds, compile_seconds)
 
 
