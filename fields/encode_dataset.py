@@ -9,8 +9,11 @@ Items are split into batches of ``--fields-per-batch``; each batch is fitted in 
 ``fields-FIRST-LAST.parquet``. Field ``i`` samples its pixels/points/rays with seed ``--seed + i``;
 by default every field starts from the same initial weights, seeded by ``--init-seed`` (default
 ``--seed``), which keeps the fields' weight spaces aligned. ``--shard i/n`` takes every n-th batch,
-so processes or hosts can share the work. Rerunning the same command skips the shards that exist:
-a killed job loses at most the batch in flight and never duplicates a field.
+so processes or hosts can share the work; in a multi-process run (``--coordinator HOST:PORT
+--num-processes N --process-id I``, see ``fields.distributed``) the shard defaults to ``I/N``. Each
+process fits its batches over all of its local devices (the field axis split over them). Rerunning
+the same command skips the shards that exist: a killed job loses at most the batch in flight and
+never duplicates a field.
 ``field_config.json`` holds the field config and the param map (also in each shard's schema).
 """
 
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fields.cli import ArgumentParser, UserError, run_main
 from fields.config import check_run_config, config_to_dict, read_config_record, resolve_preset
+from fields.distributed import add_distributed_arguments, initialize_distributed_from_args, process_shard
 from fields.files import write_json
 
 FIELD_FAMILIES = ("ngp", "siren", "fourier")
@@ -49,7 +53,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--steps", type=int, help="steps per field (default: the preset's)")
     parser.add_argument("--fields-per-batch", type=int,
                         help="fields fitted at once (default: 256 images, 16 meshes, 2 scenes)")
-    parser.add_argument("--shard", default="0/1", help="i/n: do every n-th batch starting at i (default 0/1)")
+    parser.add_argument("--shard", help="i/n: do every n-th batch starting at i (default: this process's index/count "
+                                         "in a multi-process run, else 0/1)")
     parser.add_argument("--min-psnr", type=float,
                         help="quality gate for image and NeRF fields: refit fields below it once, then drop them")
     parser.add_argument("--min-iou", type=float, help="the same gate for occupancy fields (IoU in [0, 1])")
@@ -64,6 +69,7 @@ def build_parser() -> ArgumentParser:
                              "the train and test splits of one dataset the same value")
     parser.add_argument("--backend", choices=("auto", "kernel", "jax"), default="auto")
     parser.add_argument("--quiet", action="store_true")
+    add_distributed_arguments(parser)
     return parser
 
 
@@ -277,7 +283,8 @@ def fit_with_gate(job: EncodeJob, items, seeds, init_seed: int | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    shard_index, shard_count = parse_shard(args.shard)
+    initialize_distributed_from_args(args)
+    shard_index, shard_count = process_shard() if args.shard is None else parse_shard(args.shard)
     if args.fields_per_batch is not None and args.fields_per_batch < 1:
         raise UserError(f"--fields-per-batch must be >= 1, got {args.fields_per_batch}")
     if args.num is not None and args.num < 1:

@@ -45,6 +45,11 @@ from tqdm.auto import tqdm
 from fields.checkpoint import Checkpointer
 from fields.cli import UserError, prepare_workdir
 from fields.config import config_to_dict
+from fields.distributed import (  # noqa: F401  (re-exported: the hypernet CLIs import them from here)
+    add_distributed_arguments,
+    initialize_distributed,
+    initialize_distributed_from_args,
+)
 from fields.files import write_atomic
 from hypernets.datasets import BatchStream
 
@@ -258,26 +263,6 @@ def _place_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
         name: jax.make_array_from_callback(array.shape, sharding, lambda index, array=array: array[index])
         for name, array in batch.items()
     }
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Joins a multi-host run (one process per host); call it first, before any other JAX call.
-
-    Each process runs the same command with the same ``coordinator`` (``host:port`` of process 0),
-    ``num_processes`` and its own ``process_id`` in ``[0, num_processes)``; on managed clusters
-    (SLURM, TPU pods) ``jax.distributed.initialize`` can infer them, so pass the coordinator only.
-    Every process then reads the same dataset and makes the same batches; each places its slice of
-    every global batch on its own devices. Process 0 alone writes the history and the wandb run;
-    all processes take part in checkpointing. Without a coordinator this does nothing (one process).
-
-    Raises:
-        UserError: a process count or id without a coordinator.
-    """
-    if coordinator is None:
-        if num_processes not in (None, 1) or process_id not in (None, 0):
-            raise UserError("--num-processes/--process-id need --coordinator HOST:PORT")
-        return
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
@@ -579,7 +564,8 @@ LOOP_ARGUMENTS = ("steps", "batch_size", "learning_rate", "seed", "wandb", "num_
 
 
 def add_loop_arguments(parser) -> None:
-    """Adds ``--steps --batch-size --learning-rate --seed --wandb --num-devices`` (defaults: the preset's)."""
+    """Adds ``--steps --batch-size --learning-rate --seed --wandb --num-devices`` (defaults: the preset's) and
+    the multi-host options ``--coordinator --num-processes --process-id`` (``fields.distributed``)."""
     group = parser.add_argument_group("training loop (defaults: the preset's)")
     group.add_argument("--steps", type=int, help="optimizer steps")
     group.add_argument("--batch-size", type=int, help="global batch size (divisible by the device count)")
@@ -587,24 +573,16 @@ def add_loop_arguments(parser) -> None:
     group.add_argument("--seed", type=int, help="initialisation, data order and sampling seed")
     group.add_argument("--wandb", choices=WANDB_MODES, help="Weights & Biases logging (default: disabled)")
     group.add_argument("--num-devices", type=int, help="data-parallel devices (0: all local devices)")
+    add_distributed_arguments(parser)
 
 
 def loop_overrides(args) -> dict:
-    """The non-None loop arguments, for ``dataclasses.replace(loop_config, **loop_overrides(args))``."""
+    """The non-None loop arguments, for ``dataclasses.replace(loop_config, **loop_overrides(args))``.
+
+    Also joins the multi-process run when ``--coordinator`` was given (``initialize_distributed``;
+    a second call is a no-op): every hypernet CLI resolves its config through this function before
+    its first JAX computation, which is where ``jax.distributed.initialize`` must come.
+    """
+    initialize_distributed_from_args(args)
     values = {name: getattr(args, name, None) for name in LOOP_ARGUMENTS}
     return {name: value for name, value in values.items() if value is not None}
-
-
-def add_distributed_arguments(parser) -> None:
-    """Adds ``--coordinator --num-processes --process-id`` (multi-host runs; see ``initialize_distributed``)."""
-    group = parser.add_argument_group("multi-host (one process per host)")
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (enables multi-host)")
-    group.add_argument("--num-processes", type=int, help="number of processes")
-    group.add_argument("--process-id", type=int, help="this process's id in [0, num-processes)")
-
-
-def initialize_distributed_from_args(args) -> None:
-    """``initialize_distributed`` with the arguments of ``add_distributed_arguments``."""
-    initialize_distributed(
-        getattr(args, "coordinator", None), getattr(args, "num_processes", None), getattr(args, "process_id", None)
-    )
