@@ -142,6 +142,14 @@ PRESETS: dict[str, DiffusionConfig] = {
     "default": DiffusionConfig(
         loop=LoopConfig(steps=100000, batch_size=128, learning_rate=1e-4, warmup_steps=1000, ema_decay=0.9995,
                         checkpoint_every=2500, eval_every=2500),
+    # CPU-sized, for occupancy fields of shapes (fields.occupancy_fitting "small": ~10k weights -> ~85
+    # tokens of 128); scripts/bench_hypernets.py --parts shapes.
+    #   python -m hypernets.diffusion --data data/fields/shapes --workdir runs/diffusion-shapes --preset cpu-shapes
+    "cpu-shapes": DiffusionConfig(
+        loop=LoopConfig(steps=3000, batch_size=32, learning_rate=5e-4, warmup_steps=200, ema_decay=0.999,
+                        checkpoint_every=500, eval_every=1000),
+        chunk_size=128, width=128, depth=4, num_heads=4, num_timesteps=1000, sample_steps=50, sampler="ddim",
+        num_samples=64),
         chunk_size=64, width=384, depth=12, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
 }
 

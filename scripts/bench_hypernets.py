@@ -13,8 +13,11 @@ Stages (each resumes: outputs under --work are reused when present):
 4. ``hypernets.evaluate`` the samples against the test fields, with the train fields for novelty.
 Prints one JSON report (also written to WORK/report.json) with each model's metrics and budget.
 
-Not here yet: the issue's second part (occupancy fields of ``pybullet_data``'s 1,000 meshes,
-encoded with ``fields.encode_dataset --source meshes:DIR`` and evaluated with Chamfer distance).
+``--parts shapes`` (or ``images,shapes``) runs the second part, HyperDiffusion's protocol: occupancy
+fields (``fields.occupancy_fitting`` preset ``small``) of the 1,000 random watertight meshes that
+``pybullet_data`` ships (``pip install pybullet``), the first ``--shapes-train`` for training and the
+last ``--shapes-test`` as the reference, an unconditional diffusion for ``--minutes``, and MMD, COV
+and 1-NNA with the squared Chamfer distance on 2,048 surface points.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def steps_for_budget(module: str, arguments: list[str], probe_dir: str, minutes:
     return max(probe_steps, int(rate * minutes * 60.0))
 
 
-def train_and_evaluate(name: str, module: str, arguments: list[str], args, reference: str, train_fields: str) -> dict:
+def train_and_evaluate(name: str, module: str, arguments: list[str], args, reference: str, train_fields: str,
+                       evaluate_arguments: tuple[str, ...] = ()) -> dict:
     workdir = os.path.join(args.work, name)
     steps_file = os.path.join(args.work, f"{name}_steps.json")
     if os.path.exists(steps_file):
@@ -82,15 +86,84 @@ def train_and_evaluate(name: str, module: str, arguments: list[str], args, refer
                   "--num-samples", str(args.num_samples))
     out = os.path.join(args.work, f"{name}_eval")
     run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", reference,
-        "--train", train_fields, "--out", out, "--classifier-preset", args.classifier_preset, "--quiet")
+        "--train", train_fields, "--out", out, *evaluate_arguments, "--quiet")
     with open(os.path.join(out, "eval.json")) as handle:
         evaluation = json.load(handle)
     return {"steps": steps, "train_and_sample_seconds": seconds, "workdir": workdir, "eval": evaluation}
 
 
+def images_part(args) -> dict:
+    train_fields = encode(args.work, "train", args.train_num, seed=0)
+    test_fields = encode(args.work, "test", args.test_num, seed=10_000_000)
+    report = {"source_train": image_source("train"), "source_test": image_source("test"),
+              "train_fields": args.train_num, "test_fields": args.test_num, "models": {}}
+    if "diffusion" in args.models:
+        report["models"]["diffusion"] = train_and_evaluate(
+            "diffusion", "hypernets.diffusion",
+            ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"],
+            args, test_fields, train_fields, ("--classifier-preset", args.classifier_preset))
+    if "autoregressive" in args.models:
+        tokens = os.path.join(args.work, "tokens_train")
+        if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
+            run("scripts.tokenize", "--fields", train_fields, "--tokenizer", "fp8_e4m3", "--normalize", "section",
+                "--out", tokens, "--quiet")
+        report["models"]["autoregressive"] = train_and_evaluate(
+            "autoregressive", "hypernets.autoregressive",
+            ["--data", tokens, "--preset", args.autoregressive_preset, "--class-conditional", "--quiet"],
+            args, test_fields, train_fields, ("--classifier-preset", args.classifier_preset))
+    return report
+
+
+def pybullet_meshes() -> list[str]:
+    """The 1,000 ``random_urdfs/NNN/NNN.obj`` meshes of ``pybullet_data``, sorted; [] without pybullet."""
+    try:
+        import pybullet_data
+    except ImportError:
+        return []
+    root = os.path.join(pybullet_data.getDataPath(), "random_urdfs")
+    return sorted(os.path.join(root, name, f"{name}.obj") for name in os.listdir(root)
+                  if os.path.exists(os.path.join(root, name, f"{name}.obj")))
+
+
+def link_meshes(folder: str, paths: list[str]) -> str:
+    """A flat folder of symbolic links to ``paths`` (one folder per split, so no class labels)."""
+    os.makedirs(folder, exist_ok=True)
+    for path in paths:
+        link = os.path.join(folder, os.path.basename(path))
+        if not os.path.lexists(link):
+            os.symlink(path, link)
+    return folder
+
+
+def shapes_part(args) -> dict:
+    meshes = pybullet_meshes()
+    if not meshes:
+        return {"skipped": "pybullet is not installed (pip install pybullet ships pybullet_data's meshes)"}
+    if args.shapes_train + args.shapes_test > len(meshes):
+        raise SystemExit(f"--shapes-train + --shapes-test exceed the {len(meshes)} meshes")
+    work = os.path.join(args.work, "shapes")
+    splits = {"train": meshes[:args.shapes_train], "test": meshes[len(meshes) - args.shapes_test:]}
+    fields = {}
+    for split, paths in splits.items():
+        folder = link_meshes(os.path.join(work, f"meshes_{split}"), paths)
+        fields[split] = os.path.join(work, f"fields_{split}")
+        run("fields.encode_dataset", "--source", f"meshes:{folder}", "--preset", args.occupancy_preset,
+            "--out", fields[split], "--seed", "0" if split == "train" else "10000000", "--init-seed", "0",
+            "--quiet")
+    result = {"meshes": "pybullet_data/random_urdfs", "train_shapes": len(splits["train"]),
+              "test_shapes": len(splits["test"]), "occupancy_preset": args.occupancy_preset}
+    shape_args = argparse.Namespace(**{**vars(args), "work": work})
+    result["diffusion"] = train_and_evaluate(
+        "diffusion", "hypernets.diffusion", ["--data", fields["train"], "--preset", args.shapes_diffusion_preset,
+                                             "--quiet"],
+        shape_args, fields["test"], fields["train"], ("--num-points", "2048"))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/bench_hypernets", help="output folder (reused when rerun)")
+    parser.add_argument("--parts", default="images", help="images, shapes, or images,shapes")
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per model")
     parser.add_argument("--train-num", type=int, default=2048)
     parser.add_argument("--test-num", type=int, default=512)
@@ -100,28 +173,17 @@ def main() -> None:
     parser.add_argument("--classifier-preset", default="default", help="hypernets.evaluate's feature classifier")
     parser.add_argument("--diffusion-preset", default="cpu")
     parser.add_argument("--autoregressive-preset", default="cpu")
+    parser.add_argument("--shapes-train", type=int, default=800)
+    parser.add_argument("--shapes-test", type=int, default=200)
+    parser.add_argument("--occupancy-preset", default="small")
+    parser.add_argument("--shapes-diffusion-preset", default="cpu-shapes")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-
-    train_fields = encode(args.work, "train", args.train_num, seed=0)
-    test_fields = encode(args.work, "test", args.test_num, seed=10_000_000)
-    report = {"source_train": image_source("train"), "source_test": image_source("test"),
-              "train_fields": args.train_num, "test_fields": args.test_num, "minutes_per_model": args.minutes,
-              "num_samples": args.num_samples, "models": {}}
-    if "diffusion" in args.models:
-        report["models"]["diffusion"] = train_and_evaluate(
-            "diffusion", "hypernets.diffusion",
-            ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"],
-            args, test_fields, train_fields)
-    if "autoregressive" in args.models:
-        tokens = os.path.join(args.work, "tokens_train")
-        if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
-            run("scripts.tokenize", "--fields", train_fields, "--tokenizer", "fp8_e4m3", "--normalize", "section",
-                "--out", tokens, "--quiet")
-        report["models"]["autoregressive"] = train_and_evaluate(
-            "autoregressive", "hypernets.autoregressive",
-            ["--data", tokens, "--preset", args.autoregressive_preset, "--class-conditional", "--quiet"],
-            args, test_fields, train_fields)
+    report = {"minutes_per_model": args.minutes, "num_samples": args.num_samples}
+    if "images" in args.parts:
+        report["images"] = images_part(args)
+    if "shapes" in args.parts:
+        report["shapes"] = shapes_part(args)
     with open(os.path.join(args.work, "report.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     print(json.dumps(report, indent=2))
