@@ -3,6 +3,7 @@
     python -m hypernets.diffusion --data data/fields/primitives --workdir runs/diffusion --preset small
     python -m hypernets.diffusion --data data/fields/primitives --workdir runs/diffusion --sample-only \
 --num-samples 64 --sampler ddpm
+    python -m hypernets.diffusion --latents runs/autoencoder --workdir runs/latent-diffusion --preset small
 
 A run is a config and a work directory: ``W/config.json`` holds the resolved config and the data
 path; rerunning resumes from the newest checkpoint in ``W/checkpoints`` (a different config in the
@@ -10,6 +11,12 @@ same directory is refused; the sampling options may change between runs). After 
 drawn with the EMA parameters are denormalised to raw weights and written as a dataset of fields in
 ``W/samples/`` (same field kind, config, param map and image size as the input, so every tool that
 reads fields reads them), and for image fields ``W/samples.png`` shows them rendered.
+
+Latent diffusion: with ``--latents AE_WORKDIR`` (instead of ``--data``) the same model trains on the
+latents of a finished ``hypernets.autoencoder`` run, per-dimension standardised, with the
+autoencoder's train/validation split and one section per autoencoder section; samples are decoded
+back to field weights by the autoencoder and written to ``W/samples`` in the same format
+(``hypernets.latent_data``). ``--normalization`` does not apply there.
 """
 
 from __future__ import annotations
@@ -135,13 +142,6 @@ PRESETS: dict[str, DiffusionConfig] = {
                         checkpoint_every=500, eval_every=1000),
         chunk_size=32, width=128, depth=4, num_heads=4, num_timesteps=1000, sample_steps=50, sampler="ddim",
         num_samples=64),
-    # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional with guidance.
-    # Expected: recognisable class-conditional samples; not yet measured.
-    #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion --class-conditional \
-    #       --guidance-scale 2
-    "default": DiffusionConfig(
-        loop=LoopConfig(steps=100000, batch_size=128, learning_rate=1e-4, warmup_steps=1000, ema_decay=0.9995,
-                        checkpoint_every=2500, eval_every=2500),
     # CPU-sized, for occupancy fields of shapes (fields.occupancy_fitting "small": ~10k weights -> ~85
     # tokens of 128); scripts/bench_hypernets.py --parts shapes.
     #   python -m hypernets.diffusion --data data/fields/shapes --workdir runs/diffusion-shapes --preset cpu-shapes
@@ -150,6 +150,13 @@ PRESETS: dict[str, DiffusionConfig] = {
                         checkpoint_every=500, eval_every=1000),
         chunk_size=128, width=128, depth=4, num_heads=4, num_timesteps=1000, sample_steps=50, sampler="ddim",
         num_samples=64),
+    # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional with guidance.
+    # Expected: recognisable class-conditional samples; not yet measured.
+    #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion --class-conditional \
+    #       --guidance-scale 2
+    "default": DiffusionConfig(
+        loop=LoopConfig(steps=100000, batch_size=128, learning_rate=1e-4, warmup_steps=1000, ema_decay=0.9995,
+                        checkpoint_every=2500, eval_every=2500),
         chunk_size=64, width=384, depth=12, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
 }
 
@@ -273,8 +280,11 @@ def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, gener
 # ------------------------------------------------------------------------------------------- the run
 
 
-def run_record(data_path: str, config: DiffusionConfig) -> dict:
-    """What ``W/config.json`` holds: ``{"data": absolute path, "diffusion": config dict}``."""
+def run_record(data_path: str | None, config: DiffusionConfig, latents=None) -> dict:
+    """What ``W/config.json`` holds: ``{"data": absolute path, "diffusion": config dict}``, or with
+    ``latents`` (a ``hypernets.latent_data.LatentSource``) ``{"latents": {workdir, step, latent_dim}, ...}``."""
+    if latents is not None:
+        return {"latents": latents.record(), "diffusion": config_to_dict(config)}
     return {"data": os.path.abspath(data_path), "diffusion": config_to_dict(config)}
 
 
@@ -291,7 +301,10 @@ def resolve_config(args, saved: dict | None) -> DiffusionConfig:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m hypernets.diffusion", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="dataset of fields (a .parquet shard or a folder of them)")
+    parser.add_argument("--data", help="dataset of fields (a .parquet shard or a folder of them)")
+    parser.add_argument("--latents", metavar="AE_WORKDIR",
+                        help="instead of --data: train on the latents of a hypernets.autoencoder run (latent "
+                             "diffusion; samples are decoded to fields by that autoencoder)")
     parser.add_argument("--workdir", required=True, help="run directory (config, checkpoints, samples)")
     parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: the workdir's saved config, "
                                          "else default)")
@@ -317,23 +330,39 @@ def main(argv: list[str] | None = None) -> int:
     from hypernets.datasets import BatchStream, load_weight_splits
 
     args = build_parser().parse_args(argv)
+    if args.data is not None and args.latents is not None:
+        raise UserError("--latents trains on an autoencoder's latents instead of --data: give one of them, not both")
+    if args.data is None and args.latents is None:
+        raise UserError("give --data (a dataset of fields) or --latents (an autoencoder's work directory)")
     saved = read_saved_run(args.workdir, "diffusion", "hypernets.diffusion")
     if args.sample_only and saved is None:
         raise UserError(f"--sample-only: {args.workdir} holds no trained run (no {CONFIG_NAME})")
     config = resolve_config(args, saved)
-    run_config = run_record(args.data, config)
+    latents = None
+    if args.latents is not None:
+        from hypernets.latent_data import load_latent_source
+
+        latents = load_latent_source(args.latents)
+    run_config = run_record(args.data, config, latents)
     check_run_config(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
     print(config_to_json(config))
 
-    train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)
+    if latents is None:
+        train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed,
+                                                  config.normalization)
+        to_fields, fields, data_name = train_data.denormalize, train_data, args.data
+    else:
+        train_data, val_data = latents.train, latents.validation
+        to_fields, fields, data_name = latents.to_fields, latents.fields, f"the latents of {args.latents}"
     prepare_workdir(args.workdir)
     write_run(args.workdir, run_config)
     num_classes = num_classes_of(np.concatenate([train_data.labels, val_data.labels]))
     if config.class_conditional and num_classes == 0:
-        raise UserError(f"--class-conditional: {args.data} has no labels (every label is -1)")
+        raise UserError(f"--class-conditional: {data_name} has no labels (every label is -1)")
     task = build_task(config, train_data.param_map, num_classes)
     print(f"{len(train_data.labels)} training fields, {len(val_data.labels)} held out; "
-          f"{task.chunker.num_params} weights -> {task.chunker.num_tokens} tokens of {config.chunk_size} "
+          f"{task.chunker.num_params} {'weights' if latents is None else 'latents'} -> "
+          f"{task.chunker.num_tokens} tokens of {config.chunk_size} "
           f"(sections: {', '.join(task.chunker.section_names)})"
           + (f"; {num_classes} classes" if config.class_conditional else ""))
 
@@ -347,17 +376,19 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = sample_labels(config.num_samples, num_classes, config.class_conditional)
     normalized = sample_vectors(task, params, config, labels, seed=config.loop.seed + 1)
-    raw = train_data.denormalize(normalized)
+    raw = to_fields(normalized)
     if not np.all(np.isfinite(raw)):
         raise UserError(f"sampling produced non-finite weights (step {step}); train longer or lower the learning rate")
     generator = {"model": "hypernets.diffusion", "workdir": os.path.abspath(args.workdir), "step": int(step),
-                 "training_data": os.path.abspath(args.data), "sampler": config.sampler,
-                 "sample_steps": config.sample_steps, "eta": config.eta, "guidance_scale": config.guidance_scale,
-                 "clip_x0": config.clip_x0}
-    directory = write_samples(args.workdir, raw, labels, train_data, generator)
+                 "training_data": os.path.abspath(args.data) if latents is None else fields.path,
+                 "sampler": config.sampler, "sample_steps": config.sample_steps, "eta": config.eta,
+                 "guidance_scale": config.guidance_scale, "clip_x0": config.clip_x0}
+    if latents is not None:
+        generator["latents"] = latents.record()
+    directory = write_samples(args.workdir, raw, labels, fields, generator)
     print(f"step {step}: wrote {len(raw)} sampled fields to {directory}")
     grid_path = os.path.join(args.workdir, "samples.png")
-    if write_sample_grid(grid_path, raw, train_data):
+    if write_sample_grid(grid_path, raw, fields):
         print(f"rendered samples: {grid_path}")
     return 0
 
