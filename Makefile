@@ -9,7 +9,7 @@ KERNEL_SOURCES := $(shell find $(KERNELS) -type f \( -name '*.cc' -o -name '*.cu
 	-o -name 'CMakeLists.txt' -o -name 'pyproject.toml' \) -not -path '*/build/*' 2>/dev/null)
 PIP := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-image test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +21,16 @@ $(VENV)/.installed: pyproject.toml $(KERNEL_SOURCES)
 		echo "building $(KERNELS)"; $(PIP) install --no-build-isolation ./$(KERNELS); fi
 	@touch $@
 
-# The main job on built-in data: fit an image field to scikit-image's astronaut.
+# The whole pipeline on built-in procedural data, no network: encode a dataset into fields, tokenize,
+# train and sample two hypernets, evaluate, and write runs/demo/report.md (~10 min on 2 CPU cores).
+# Rerunning resumes: finished stages are skipped.
 demo: install
-	$(PY) -m fields.ngp_image --image skimage:astronaut --preset default --workdir runs/demo --overwrite
-	@echo "demo outputs: runs/demo/render.png runs/demo/metrics.json runs/demo/field.safetensors"
+	$(PY) -m hypernets.pipeline --preset demo --workdir runs/demo
+
+# The first demo: fit one image field to scikit-image's astronaut (a few seconds).
+demo-image: install
+	$(PY) -m fields.ngp_image --image skimage:astronaut --preset default --workdir runs/demo-image --overwrite
+	@echo "demo-image outputs: runs/demo-image/render.png runs/demo-image/metrics.json runs/demo-image/field.safetensors"
 
 test: install
 	$(VENV)/bin/ruff check .
