@@ -25,7 +25,7 @@ from fields.models.hash_grid import BACKENDS, HashGridConfig
 from fields.models.nerf import NeRFField, NeRFFieldConfig
 from fields.rendering import occupancy_grid, volume
 from fields.rendering.occupancy_grid import OccupancyGridConfig
-from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
+from fields.training import FieldSharding, TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,28 +326,29 @@ class NeRFBatchResult:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple):
+def _compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple, sharding: FieldSharding):
     """The compiled ``jax.vmap`` of ``make_train_chunk`` for batches whose ``(state, data)`` has the tree
-    ``structure`` and ``leaf_shapes`` (``((shape, dtype), ...)``), cached so that successive batches of
-    one shape compile once."""
+    ``structure`` and ``leaf_shapes`` (``((shape, dtype), ...)``; a field count that divides over
+    ``sharding``'s devices), cached so that successive batches of one shape compile once."""
     model = NeRFField(config.field, backend=config.backend)
     single = make_train_chunk(model, make_optimizer(config), config)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, None, None)), donate_argnums=(0,))
+    batched = jax.vmap(single, in_axes=(0, 0, 0, None, None))
     state, data = jax.tree_util.tree_unflatten(
         structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_shapes])
     num_fields = jax.tree_util.tree_leaves(state)[0].shape[0]
     keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return batched.lower(state, data, keys, scalar, scalar).compile()
+    return sharding.compile(batched, (state, data, keys, scalar, scalar), num_batched=3, donate_argnums=(0,))
 
 
 def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | None = None,
-                   init_seeds=None) -> NeRFBatchResult:
+                   init_seeds=None, num_devices: int = 0) -> NeRFBatchResult:
     """Fits one NeRF per ``(train, test)`` scene pair, all at once: ``make_train_chunk`` under ``jax.vmap``.
 
     Field ``i`` is initialised and sampled as ``Trainer(replace(config, seed=seeds[i]), train_i)``
     would. The train splits must have the same number of images of the same size. ``init_seeds``
-    (``[N]``, optional) seed the initial weights instead.
+    (``[N]``, optional) seed the initial weights instead. The scenes are split over ``num_devices``
+    local devices (0: all; see ``fields.training.FieldSharding``).
 
     Raises:
         ValueError: scenes of different shapes, or a seed count that does not match.
@@ -369,9 +370,13 @@ def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | N
                     for seed in (seeds if init_seeds is None else init_seeds)])
     data = stack(*[scene_arrays(train) for train, _ in scenes])
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(seed)), 1) for seed in seeds])
+    num_fields = len(scenes)
+    sharding = FieldSharding.over(num_devices)
+    state, data, keys = sharding.place(sharding.pad((state, data, keys), num_fields))
     compile_start = time.perf_counter()
     leaves, structure = jax.tree_util.tree_flatten((state, data))
-    compiled = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves))
+    compiled = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
+                                    sharding)
     compile_seconds = time.perf_counter() - compile_start
 
     def run_chunk(state, first, count):
@@ -379,9 +384,9 @@ def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | N
         return state, stats["loss"]
 
     (state,), _, train_seconds = run_batched_chunks(run_chunk, (state,), config.steps, config.log_every * 4,
-                                                    check_every_chunk=True)
-    params = jax.tree_util.tree_map(np.asarray, state["params"])
-    grids = jax.tree_util.tree_map(np.asarray, state["grid"])
+                                                    check_every_chunk=True, num_fields=num_fields)
+    params = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_fields], state["params"])
+    grids = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_fields], state["grid"])
     render = make_view_renderer(model, config)
     psnrs, ssims = [], []
     for index, (_, test) in enumerate(scenes):

@@ -40,7 +40,14 @@ from fields.data.mesh_sampling import (
 )
 from fields.data.meshes import Mesh
 from fields.models.occupancy_mlp import OccupancyFieldConfig, OccupancyMLP, init_params, param_shapes
-from fields.training import TrainingConfig, make_optimizer, optimizer_step, run_batched_chunks, split_seed_keys
+from fields.training import (
+    FieldSharding,
+    TrainingConfig,
+    make_optimizer,
+    optimizer_step,
+    run_batched_chunks,
+    split_seed_keys,
+)
 from fields.weights import load_field, save_field
 
 FIELD_KIND = "occupancy"
@@ -93,13 +100,6 @@ PRESETS: dict[str, OccupancyFitConfig] = {
         log_every=50,
         mesh_resolution=48,
     ),
-    # HyperDiffusion's architecture (4 frequencies, 3 x 128, 36,737 params) on 100k points.
-    #   python -m fields.occupancy --mesh procedural:torus --workdir runs/occupancy_torus
-    "default": OccupancyFitConfig(),
-}
-
-
-@dataclasses.dataclass
     # CPU-sized datasets of shapes (scripts/bench_hypernets.py's pybullet_data part): 3 x 64 hidden
     # (about 10k params) on 50k points, 800 steps; IoU 0.95-0.96 on pybullet_data's random meshes.
     #   python -m fields.encode_dataset --source meshes:DIR --preset small --out data/fields/shapes
@@ -111,6 +111,13 @@ PRESETS: dict[str, OccupancyFitConfig] = {
         batch_size=2048,
         learning_rate=5e-3,
     ),
+    # HyperDiffusion's architecture (4 frequencies, 3 x 128, 36,737 params) on 100k points.
+    #   python -m fields.occupancy --mesh procedural:torus --workdir runs/occupancy_torus
+    "default": OccupancyFitConfig(),
+}
+
+
+@dataclasses.dataclass
 class OccupancyFitResult:
     """What ``fit_occupancy`` returns: final params (numpy), the field config, metrics and the
     mean training loss of each chunk (keyed by the step that ends it)."""
@@ -276,9 +283,10 @@ class OccupancyBatchResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_batch_functions(config: OccupancyFitConfig, num_fields: int, num_points: int):
-    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields,
-    cached so that successive batches of one shape (``fields.encode_dataset``) compile once."""
+def _compiled_batch_functions(config: OccupancyFitConfig, num_fields: int, num_points: int, sharding: FieldSharding):
+    """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields
+    (a multiple of ``sharding``'s device count), cached so that successive batches of one shape
+    (``fields.encode_dataset``) compile once."""
     optimizer = make_optimizer(config)
 
     @jax.jit
@@ -292,17 +300,20 @@ def _compiled_batch_functions(config: OccupancyFitConfig, num_fields: int, num_p
     keys = jax.ShapeDtypeStruct((num_fields, 2), jnp.uint32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     single = make_train_chunk(OccupancyMLP(config.field), optimizer, config.batch_size)
-    batched = jax.jit(jax.vmap(single, in_axes=(0, 0, 0, 0, 0, None, None)), donate_argnums=(0, 1))
-    return init, batched.lower(params, opt_state, points, labels, keys, scalar, scalar).compile()
+    batched = jax.vmap(single, in_axes=(0, 0, 0, 0, 0, None, None))
+    return init, sharding.compile(batched, (params, opt_state, points, labels, keys, scalar, scalar), num_batched=5,
+                                  donate_argnums=(0, 1))
 
 
-def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds, init_seeds=None) -> OccupancyBatchResult:
+def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds, init_seeds=None,
+                        num_devices: int = 0) -> OccupancyBatchResult:
     """Fits one occupancy field per mesh, all at once: the single-field chunk under ``jax.vmap``.
 
     Field ``i`` samples its points and initialises exactly as ``fit_occupancy(meshes[i],
     replace(config, seed=seeds[i]))`` would, so batched and one-at-a-time fits agree up to float
     rounding. ``init_seeds`` (``[N]``, optional) seed the initial weights instead (see
-    ``fields.training.split_seed_keys``).
+    ``fields.training.split_seed_keys``). The fields are split over ``num_devices`` local devices
+    (0: all; see ``fields.training.FieldSharding``).
 
     Raises:
         ValueError: a mesh outside the box, or a seed count that does not match.
@@ -314,18 +325,22 @@ def fit_occupancy_batch(meshes, config: OccupancyFitConfig, seeds, init_seeds=No
     pairs = list(zip(meshes, seeds, strict=True))
     train = [sample_labelled_points(mesh, config.sampling, seed=int(seed), stream=0) for mesh, seed in pairs]
     held_out = [sample_labelled_points(mesh, config.eval_sampling, seed=int(seed), stream=1) for mesh, seed in pairs]
-    points = jnp.asarray(np.stack([item.points for item in train]))
-    labels = jnp.asarray(np.stack([item.labels for item in train]))
+    num_fields = len(meshes)
+    sharding = FieldSharding.over(num_devices)
+    points = np.stack([item.points for item in train])
+    labels = np.stack([item.labels for item in train])
+    points, labels, init_keys, sample_keys = sharding.place(
+        sharding.pad((points, labels, init_keys, sample_keys), num_fields))
 
     compile_start = time.perf_counter()
-    init, compiled = _compiled_batch_functions(config, len(meshes), int(points.shape[1]))
-    params, opt_state = init(init_keys)
+    init, compiled = _compiled_batch_functions(config, sharding.padded(num_fields), int(points.shape[1]), sharding)
+    params, opt_state = sharding.place(init(init_keys))
     compile_seconds = time.perf_counter() - compile_start
 
     (params, opt_state), losses, train_seconds = run_batched_chunks(
         lambda params, opt_state, first, count: compiled(params, opt_state, points, labels, sample_keys, first, count),
-        (params, opt_state), config.steps, config.log_every)
-    params = jax.tree_util.tree_map(np.asarray, params)
+        (params, opt_state), config.steps, config.log_every, num_fields=num_fields)
+    params = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[:num_fields], params)
     per_field = [evaluate(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], params), config.field, held_out[i])
                  for i in range(len(meshes))]
     metrics = {name: np.asarray([m[name] for m in per_field], np.float32) for name in per_field[0]}
