@@ -56,6 +56,13 @@ def encode(work: str, split: str, num: int, seed: int) -> str:
     return out
 
 
+def parse_steps(text: str) -> dict[str, int]:
+    try:
+        return {name: int(value) for name, value in (part.split("=") for part in text.split(",") if part)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=STEPS[,NAME=STEPS], got {text!r}") from None
+
+
 def steps_for_budget(module: str, arguments: list[str], probe_dir: str, minutes: float, probe_steps: int) -> int:
     """Trains ``probe_steps`` steps and scales the steady rate (from ``history.jsonl``'s cumulative
     seconds, first logged row to last, so compilation is left out) to ``minutes``."""
@@ -71,10 +78,12 @@ def steps_for_budget(module: str, arguments: list[str], probe_dir: str, minutes:
 
 
 def train_and_evaluate(name: str, module: str, arguments: list[str], args, reference: str, train_fields: str,
-                       evaluate_arguments: tuple[str, ...] = ()) -> dict:
+                       reference_count: int, evaluate_arguments: tuple[str, ...] = (), label: str = "") -> dict:
     workdir = os.path.join(args.work, name)
     steps_file = os.path.join(args.work, f"{name}_steps.json")
-    if os.path.exists(steps_file):
+    if args.steps.get(label or name) is not None:
+        steps = args.steps[label or name]
+    elif os.path.exists(steps_file):
         with open(steps_file) as handle:
             steps = json.load(handle)["steps"]
     else:
@@ -83,7 +92,7 @@ def train_and_evaluate(name: str, module: str, arguments: list[str], args, refer
         with open(steps_file, "w") as handle:
             json.dump({"steps": steps, "minutes": args.minutes}, handle)
     seconds = run(module, *arguments, "--workdir", workdir, "--steps", str(steps),
-                  "--num-samples", str(args.num_samples))
+                  "--num-samples", str(args.num_samples or reference_count))
     out = os.path.join(args.work, f"{name}_eval")
     run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", reference,
         "--train", train_fields, "--out", out, *evaluate_arguments, "--quiet")
@@ -100,8 +109,9 @@ def images_part(args) -> dict:
     if "diffusion" in args.models:
         report["models"]["diffusion"] = train_and_evaluate(
             "diffusion", "hypernets.diffusion",
-            ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"],
-            args, test_fields, train_fields, ("--classifier-preset", args.classifier_preset))
+            ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional",
+             "--guidance-scale", str(args.guidance_scale), "--quiet"],
+            args, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
     if "autoregressive" in args.models:
         tokens = os.path.join(args.work, "tokens_train")
         if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
@@ -110,7 +120,7 @@ def images_part(args) -> dict:
         report["models"]["autoregressive"] = train_and_evaluate(
             "autoregressive", "hypernets.autoregressive",
             ["--data", tokens, "--preset", args.autoregressive_preset, "--class-conditional", "--quiet"],
-            args, test_fields, train_fields, ("--classifier-preset", args.classifier_preset))
+            args, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
     return report
 
 
@@ -156,7 +166,7 @@ def shapes_part(args) -> dict:
     result["diffusion"] = train_and_evaluate(
         "diffusion", "hypernets.diffusion", ["--data", fields["train"], "--preset", args.shapes_diffusion_preset,
                                              "--quiet"],
-        shape_args, fields["test"], fields["train"], ("--num-points", "2048"))
+        shape_args, fields["test"], fields["train"], args.shapes_test, ("--num-points", "2048"), label="shapes")
     return result
 
 
@@ -167,7 +177,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per model")
     parser.add_argument("--train-num", type=int, default=2048)
     parser.add_argument("--test-num", type=int, default=512)
-    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=int,
+                        help="fields sampled per model (default: as many as the reference split, so that 1-NNA "
+                             "compares sets of equal size)")
+    parser.add_argument("--steps", type=parse_steps, default={},
+                        help="NAME=STEPS[,NAME=STEPS] (names: diffusion, autoregressive, shapes): train those models "
+                             "that many steps instead of timing a probe against --minutes (for a machine shared "
+                             "with other jobs; report the quiet-machine minutes beside it)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance of the class-conditional diffusion's samples")
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--models", default="diffusion,autoregressive")
     parser.add_argument("--classifier-preset", default="default", help="hypernets.evaluate's feature classifier")
@@ -179,7 +197,8 @@ def main() -> None:
     parser.add_argument("--shapes-diffusion-preset", default="cpu-shapes")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    report = {"minutes_per_model": args.minutes, "num_samples": args.num_samples}
+    report = {"minutes_per_model": args.minutes, "fixed_steps": args.steps,
+              "guidance_scale": args.guidance_scale}
     if "images" in args.parts:
         report["images"] = images_part(args)
     if "shapes" in args.parts:
