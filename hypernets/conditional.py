@@ -1,8 +1,12 @@
-"""HyperFields-style conditional hypernetwork for image fields: a condition -> field weights in one forward pass.
+"""HyperFields-style conditional hypernetwork: a condition -> image or NeRF field weights in one forward pass.
 
     python -m hypernets.conditional --make-teachers 512 --size 16 --workdir runs/conditional --preset cpu
     python -m hypernets.conditional --data data/fields/primitives --workdir runs/conditional-label \
 --condition label --preset cpu
+    python -m scripts.make_scenes --out data/scenes1 --num-scenes 64 --num-objects 1 --resolution 32 \
+--train-views 12 --test-views 2 --val-views 0
+    python -m fields.encode_dataset --source scenes:data/scenes1 --out data/fields/scenes1 --preset tiny
+    python -m hypernets.conditional --data data/fields/scenes1 --workdir runs/conditional-nerf --preset nerf-cpu
 
 The hypernetwork (``hypernets.models.conditional_hypernet``; variants ``static`` and ``dynamic``, see
 there) maps a condition -- a class label, an attribute set (shape + colour of a 2D primitive) or a
@@ -14,6 +18,18 @@ centres per field of the batch, renders the generated (student) field and the te
 and takes the mean squared difference (the render loss), plus ``weight_loss`` times the mean squared
 error of the normalised weights (optional; MLP permutation symmetry makes exact weights a poor target).
 
+NeRF teachers (``--data`` of ``ngp_nerf`` fields written by ``fields.encode_dataset --source scenes:DIR``
+from scenes of ``scripts.make_scenes``): the scene folders are found through the dataset's ``source``;
+each scene's ``scene.json`` gives the caption, and its first object the attributes (shape, colour) and
+the layout (position, size, rotation; ``--num-objects 1`` scenes are the intended case). The render
+loss is taken on ``rays_per_field`` random rays per field through random pixels of the scene's training
+cameras: both fields are volume-rendered with the NeRF's own marching step and compositing
+(``fields.rendering.volume``, pure JAX) over a random background colour per ray; the teacher only in the
+cells its occupancy grid marks (``nerf_bitfield``: the grid rebuilt from the field's own density, as the
+datasets do not store grids), the student at every marching sample, so it also learns to be empty where
+the teacher is. Every NeRF render of the evaluation uses the same renderer with the field's own rebuilt
+grid (``render_rows``); PSNRs are against the scenes' true test views over white (``eval_views`` of them).
+
 Teachers: ``--data FIELDS`` (a dataset made by ``python -m fields.encode_dataset``; label = shape for
 ``procedural:primitives``, whose attributes, captions and layouts are recovered from the source ids),
 or ``--make-teachers N --size S``, which fits N procedural primitives itself and writes them with
@@ -21,22 +37,26 @@ or ``--make-teachers N --size S``, which fits N procedural primitives itself and
 
 Zero-shot test: colour-shape pairs selected by a deterministic rule (``pair_is_held_out``) are held
 out of training. After training, the fields of held-out items are generated in one forward pass and
-scored by render PSNR against the true procedural images (beside two baselines that ignore the
-condition: the mean training render and the best single training teacher); then each is finetuned
-with the teacher's own fitting step (``fields.image_fitting.train_chunk_function``) from the
-generated weights and from a fresh initialisation, counting the steps to reach the teacher's PSNR
-(capped at the teacher's step count). ``W/zero_shot.json`` holds the numbers, ``W/zero_shot.png``
-rows of true | generated | teacher.
+scored by render PSNR against the true procedural images or scene test views (beside two baselines
+that ignore the condition: the mean training render and the best single training teacher); then each
+is finetuned with the teacher's own fitting step (``fields.image_fitting.train_chunk_function``, or the
+vmapped ``fields.nerf_fitting.make_train_chunk`` with its occupancy grid) from the generated weights and
+from scratch, counting the steps to reach the teacher's PSNR (capped at the teacher's step count).
+"From scratch" starts from the teachers' own initial weights (their ``init_seed`` column: one shared
+init for ``--make-teachers`` and ``encode_dataset --init shared``), i.e. it repeats the teacher's fit;
+both runs sample pixels/rays with the same seeds (the teacher's seed + 1,000,003).
+``W/zero_shot.json`` holds the numbers, ``W/zero_shot.png`` rows of true | generated | teacher.
 
 A run is a config and a work directory (``W/config.json``); rerunning the same command resumes.
-NeRF fields are not supported yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
+import json
 import math
 import os
 import re
@@ -66,6 +86,7 @@ from hypernets.models.conditional_hypernet import (
     TensorSpec,
     count_parameters,
     denormalize,
+    kernel_chains,
     mlp_kernel_specs,
     tensor_specs,
     vector_to_field_params,
@@ -79,6 +100,11 @@ TEACHERS_SHARD = "teachers.parquet"
 LAYOUT_COLUMNS = ("centre_x", "centre_y", "radius", "angle")
 FIELDS_PER_FIT = 256
 BASELINE_ROWS = 256  # training teachers the condition-free baselines of the zero-shot report use
+NERF_BASELINE_ROWS = 16  # the same for NeRF teachers (each is rendered at every held-out item's cameras)
+IMAGE_KIND = "ngp_image"
+NERF_KIND = "ngp_nerf"
+NERF_SAMPLES_PER_CALL = 1 << 19  # fields x rays x marching steps evaluated in one NeRF render call
+FRESH_SEED_OFFSET = 1_000_003  # finetuning samples pixels/rays with the teacher's seed + this
 # Fields that may differ between runs in one work directory (evaluation extent, logging, devices).
 RERUN_FREE_FIELDS = ("zero_shot_items", "finetune_check_every", "loop.wandb", "loop.num_devices")
 
@@ -97,7 +123,9 @@ class ConditionalConfig:
         width, depth: hypernetwork width and residual trunk blocks.
         chunk_size, chunk_embedding: hash-table chunk length and chunk position-embedding size.
         probe_grid: probe positions per axis of the dynamic variant.
-        pixels_per_field: random pixel centres rendered per field and step for the render loss.
+        pixels_per_field: random pixel centres rendered per field and step for the render loss (images).
+        rays_per_field: random rays rendered per field and step for the render loss (NeRFs).
+        eval_views: test views of each scene scored (NeRFs).
         weight_loss: weight of the normalised-weight regression term (0: render loss only).
         normalization: per-``"tensor"`` or per-``"section"`` normalisation of the generated weights.
         holdout_modulus: colour-shape pair ``(s, c)`` (indices in ``SHAPES_2D`` / ``PALETTE``) is held
@@ -118,6 +146,8 @@ class ConditionalConfig:
     chunk_embedding: int = 32
     probe_grid: int = 8
     pixels_per_field: int = 256
+    rays_per_field: int = 128
+    eval_views: int = 2
     weight_loss: float = 0.0
     normalization: str = "tensor"
     holdout_modulus: int = 7
@@ -129,7 +159,7 @@ class ConditionalConfig:
         from fields.models.hash_grid import BACKENDS
 
         for name in ("width", "depth", "chunk_size", "chunk_embedding", "probe_grid", "pixels_per_field",
-                     "finetune_check_every"):
+                     "rays_per_field", "eval_views", "finetune_check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.zero_shot_items < 0:
@@ -162,6 +192,28 @@ PRESETS: dict[str, ConditionalConfig] = {
                         log_every=50, checkpoint_every=500),
         width=256, depth=2, chunk_size=64, chunk_embedding=32, probe_grid=8, pixels_per_field=256,
         zero_shot_items=16, finetune_check_every=10),
+    # Test-sized NeRF distillation: a few steps on ~a dozen tiny-preset NeRF teachers of 16x16 procedural scenes.
+    #   python -m hypernets.conditional --data FIELDS --workdir W --preset nerf-tiny
+    "nerf-tiny": ConditionalConfig(
+        loop=LoopConfig(steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2, ema_decay=0.0, log_every=4,
+                        checkpoint_every=100),
+        width=32, depth=1, chunk_size=64, chunk_embedding=8, probe_grid=2, rays_per_field=32, eval_views=1,
+        holdout_modulus=4, zero_shot_items=2, finetune_check_every=5),
+    # The image part of scripts/bench_conditional.py (2 CPU cores): 384 shared-init teachers of 16x16.
+    #   python -m hypernets.conditional --make-teachers 384 --size 16 --workdir W --preset bench-image
+    # Measured: see BENCHMARKS.md, "Conditional fields (#7)".
+    "bench-image": ConditionalConfig(
+        loop=LoopConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.995,
+                        log_every=50, checkpoint_every=500),
+        width=256, depth=2, chunk_size=64, chunk_embedding=32, probe_grid=8, pixels_per_field=256,
+        weight_loss=0.1, zero_shot_items=16, finetune_check_every=5),
+    # The NeRF part of scripts/bench_conditional.py (2 CPU cores): 48 single-object 32x32 scenes, tiny NeRFs.
+    #   python -m hypernets.conditional --data FIELDS --workdir W --preset bench-nerf
+    "bench-nerf": ConditionalConfig(
+        loop=LoopConfig(steps=400, batch_size=8, learning_rate=1e-3, warmup_steps=40, ema_decay=0.99,
+                        log_every=25, checkpoint_every=200),
+        width=128, depth=2, chunk_size=64, chunk_embedding=16, probe_grid=4, rays_per_field=128, eval_views=2,
+        weight_loss=0.1, zero_shot_items=8, finetune_check_every=10),
     # One GPU: thousands of 28x28 teachers. Expected: as "cpu", sharper; not yet measured.
     #   python -m hypernets.conditional --make-teachers 4096 --size 28 --workdir runs/conditional --preset default
     "default": ConditionalConfig(
@@ -178,13 +230,16 @@ PRESETS: dict[str, ConditionalConfig] = {
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """What ``--make-teachers`` fits: ``num`` procedural primitives of ``size``x``size`` (generator ``seed``),
-    ngp fields of the image preset ``preset`` for ``steps`` steps (0: the preset's)."""
+    ngp fields of the image preset ``preset`` for ``steps`` steps (0: the preset's). With ``shared_init``
+    every teacher starts from the same initial weights (seeded by ``seed``), which aligns the teachers'
+    weight spaces (a hypernetwork regresses aligned weights more easily); else teacher ``i`` from ``seed + i``."""
 
     num: int
     size: int = 16
     steps: int = 0
     preset: str = "small"
     seed: int = 0
+    shared_init: bool = True
 
 
 def primitive_description(index: int, seed: int) -> dict[str, Any]:
@@ -245,13 +300,14 @@ def make_teachers(directory: str, spec: TeacherSpec, backend: str, progress: boo
     descriptions = [primitive_description(index, spec.seed) for index in range(spec.num)]
     images = np.stack([primitive_image(index, spec.seed, spec.size)[0] for index in range(spec.num)])
     field_seeds = [spec.seed + index for index in range(spec.num)]
+    init_seeds = [spec.seed] * spec.num if spec.shared_init else field_seeds
     matrices, psnrs, pmap = [], [], None
     for start in range(0, spec.num, FIELDS_PER_FIT):
         stop = min(start + FIELDS_PER_FIT, spec.num)
         if progress:
             print(f"fitting teachers {start}..{stop - 1} of {spec.num} ({fit_config.steps} steps each)")
         try:
-            result = fit_image_batch(images[start:stop], fit_config, field_seeds[start:stop])
+            result = fit_image_batch(images[start:stop], fit_config, field_seeds[start:stop], init_seeds[start:stop])
         except FloatingPointError as error:
             raise UserError(f"teacher fitting failed: {error}") from None
         if pmap is None:
@@ -263,6 +319,7 @@ def make_teachers(directory: str, spec: TeacherSpec, backend: str, progress: boo
         "label": [item["label"] for item in descriptions],
         "psnr": psnrs,
         "seed": field_seeds,
+        "init_seed": init_seeds,
         "steps": [fit_config.steps] * spec.num,
         **{name: [item[name] for item in descriptions] for name in ("shape", "colour", "caption")},
         **{name: [float(item[name]) for item in descriptions] for name in LAYOUT_COLUMNS},
@@ -283,16 +340,20 @@ class TeacherData:
         path: the dataset.
         matrix: ``[N, P]`` raw teacher weights.
         param_map: their layout.
-        field_config: the shared ``NGPFieldConfig``.
-        fit_config: the ``ImageFitConfig`` that fitted them (finetuning reuses its optimiser and batch).
-        height, width: image size.
+        field_config: the shared ``NGPFieldConfig`` (images) or ``NeRFFieldConfig`` (NeRFs).
+        fit_config: the ``ImageFitConfig`` / ``NeRFFitConfig`` that fitted them (finetuning reuses it).
+        height, width: image size (NeRFs: of the test views).
         source_ids: ``[N]``.
         labels: ``[N]`` int32 (-1 unknown).
         shapes, colours, captions: ``[N]`` strings, or None when unknown.
-        layouts: ``[N, 4]`` (centre_x, centre_y, radius, angle), or None.
+        layouts: images: ``[N, 4]`` (centre_x, centre_y, radius, angle); NeRFs: ``[N, 15]`` (the first
+            object's position, half extents and row-major rotation matrix); or None.
         procedural: ``[N]`` ``(generator seed, index)`` of each row's procedural image, or None.
         steps: ``[N]`` int64 steps each teacher was fitted for.
-        seeds: ``[N]`` int64 each teacher's seed.
+        seeds: ``[N]`` int64 each teacher's (sampling) seed.
+        init_seeds: ``[N]`` int64 seed of each teacher's initial weights.
+        field_kind: ``ngp_image`` or ``ngp_nerf``.
+        scenes: NeRFs: the scenes' cameras and true test views (``SceneViews``); else None.
     """
 
     path: str
@@ -311,15 +372,36 @@ class TeacherData:
     procedural: list[tuple[int, int]] | None
     steps: np.ndarray
     seeds: np.ndarray
+    init_seeds: np.ndarray | None = None
+    field_kind: str = IMAGE_KIND
+    scenes: SceneViews | None = None
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
+
+    @property
+    def is_nerf(self) -> bool:
+        return self.field_kind == NERF_KIND
+
+    def layout_features(self) -> np.ndarray:
+        """``[N, features]`` float32 layout inputs of the hypernetwork (images: ``layout_features``; NeRFs: the
+        layouts as they are)."""
+        if self.layouts is None:
+            raise ValueError("no layouts")
+        return self.layouts.astype(np.float32) if self.is_nerf else layout_features(self.layouts)
+
+    def references(self, rows: np.ndarray) -> np.ndarray | None:
+        """What the renders of ``rows`` are scored against: images ``[n, H, W, 3]`` (``true_images``, None when
+        not procedural) or the scenes' test views over white ``[n, V, H, W, 3]``."""
+        if self.is_nerf:
+            return self.scenes.test_views[np.asarray(rows, np.int64)]
+        return self.true_images(rows)
 
     def true_images(self, rows: np.ndarray) -> np.ndarray | None:
         """``[n, H, W, 3]`` procedural images of ``rows``, or None when the images are not procedural."""
         from fields.data.procgen_2d import primitive_image
 
-        if self.procedural is None or self.height != self.width or self.field_config.output_dim != 3:
+        if self.procedural is None or self.is_nerf or self.height != self.width or self.field_config.output_dim != 3:
             return None
         if not len(rows):
             return np.zeros((0, self.height, self.width, 3), np.float32)
@@ -328,15 +410,10 @@ class TeacherData:
 
 
 def check_field_kind(kind: str, where: str) -> None:
-    """One-line ``UserError`` unless ``kind`` is ``ngp_image`` (NeRF fields: "not supported yet")."""
-    from hypernets.rendering import NERF_KINDS
-
-    if kind in NERF_KINDS:
-        raise UserError(f"{where}: conditional hypernetworks for NeRF fields ({kind}) are not supported yet; "
-                        "use image fields (ngp_image)")
-    if kind != "ngp_image":
-        raise UserError(f"{where}: hypernets.conditional generates ngp_image fields; {kind!r} fields are not "
-                        "supported yet")
+    """One-line ``UserError`` unless ``kind`` is ``ngp_image`` or ``ngp_nerf``."""
+    if kind not in (IMAGE_KIND, NERF_KIND):
+        raise UserError(f"{where}: hypernets.conditional generates {IMAGE_KIND} and {NERF_KIND} fields; {kind!r} "
+                        "fields are not supported yet")
 
 
 def dataset_field_kind(path: str) -> str:
@@ -358,14 +435,23 @@ def _string_column(columns: dict, name: str, count: int) -> list[str] | None:
     return values if len(values) == count and all(values) else None
 
 
-def load_teachers(path: str, backend: str) -> TeacherData:
+def _init_seeds(columns: dict, seeds: np.ndarray) -> np.ndarray:
+    """The ``init_seed`` column (``[N]`` int64), else each row's own seed (fields initialised from their seed)."""
+    if "init_seed" not in columns:
+        return seeds.copy()
+    values = np.asarray(columns["init_seed"], np.int64)
+    return np.where(values >= 0, values, seeds)
+
+
+def load_teachers(path: str, backend: str, eval_views: int = 2) -> TeacherData:
     """Reads a dataset of teacher fields and recovers what is known about each row.
 
-    Attributes, captions and layouts come from the ``shape``/``colour``/``caption``/layout columns when
-    present, else from ``primitives/SEED/INDEX`` source ids of a ``procedural:primitives`` dataset.
+    Image fields: attributes, captions and layouts come from the ``shape``/``colour``/``caption``/layout
+    columns when present, else from ``primitives/SEED/INDEX`` source ids of a ``procedural:primitives``
+    dataset. NeRF fields: see ``load_nerf_teachers`` (``eval_views`` test views per scene).
 
     Raises:
-        UserError: not a dataset of fields, NeRF or other non-``ngp_image`` fields, no image size,
+        UserError: not a dataset of fields, fields other than ``ngp_image``/``ngp_nerf``, no image size,
             fewer than two fields, or non-finite weights.
     """
     from fields.field_datasets import read_dataset
@@ -374,6 +460,8 @@ def load_teachers(path: str, backend: str) -> TeacherData:
 
     dataset = read_dataset(path)
     check_field_kind(dataset.field_kind, path)
+    if dataset.field_kind == NERF_KIND:
+        return load_nerf_teachers(dataset, path, backend, eval_views)
     field_config = field_config_from_dict(dataset.field_kind, dataset.field_config, f"{path}: field_config")
     height, width = image_size(dataset.metadata, path)
     count = len(dataset)
@@ -416,7 +504,287 @@ def load_teachers(path: str, backend: str) -> TeacherData:
     seeds = np.where(seeds >= 0, seeds, np.arange(count, dtype=np.int64))  # unknown seeds (-1): the row number
     return TeacherData(path, dataset.matrix, list(dataset.param_map), field_config, fit_config, height, width,
                        source_ids, labels, described("shape"), described("colour"), described("caption"), layouts,
-                       procedural, steps, seeds)
+                       procedural, steps, seeds, _init_seeds(columns, seeds))
+
+
+# ------------------------------------------------------------------------------------------- NeRF teachers
+
+
+@dataclasses.dataclass
+class SceneViews:
+    """What the NeRF teachers' scenes provide (rows in dataset order).
+
+    Attributes:
+        folders: ``[N]`` scene folders.
+        train_cameras, train_intrinsics: ``[N, V_train, 4, 4]`` camera-to-world, ``[N, V_train, 4]`` (fx, fy,
+            cx, cy) of the training views (distillation rays go through their pixels).
+        train_height, train_width: training view size.
+        test_cameras, test_intrinsics: ``[N, V, 4, 4]``, ``[N, V, 4]`` of the scored test views.
+        test_views: ``[N, V, H, W, 3]`` the true test views over white.
+        bitfields: ``[N, cells / 8]`` uint8 occupancy of each teacher, rebuilt from its density (``nerf_grids``).
+    """
+
+    folders: list[str]
+    train_cameras: np.ndarray
+    train_intrinsics: np.ndarray
+    train_height: int
+    train_width: int
+    test_cameras: np.ndarray
+    test_intrinsics: np.ndarray
+    test_views: np.ndarray
+    bitfields: np.ndarray
+
+    def train_splits(self, rows: np.ndarray) -> list:
+        """The training splits (``SceneData``, images included) of ``rows``, read from disk."""
+        from fields.data.nerf_scenes import load_scene
+
+        return [load_scene(self.folders[int(row)], "train") for row in rows]
+
+
+def _nerf_fit_config(metadata: dict, path: str, field_config, backend: str):
+    """The ``NeRFFitConfig`` the teachers were fitted with: the ``fit`` entry of the schema metadata, else of
+    ``field_config.json`` beside the shards; its field config is ``field_config``."""
+    from fields.config import ConfigError, config_from_dict, read_config_record
+    from fields.nerf_fitting import NeRFFitConfig
+
+    values = metadata.get("fit")
+    if values is None:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        manifest = read_config_record(os.path.join(folder, "field_config.json"))
+        values = manifest.get("fit") if isinstance(manifest, dict) else None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: no NeRF fit config (a 'fit' entry in the schema metadata or in field_config.json "
+                        "beside the shards, as fields.encode_dataset writes)")
+    try:
+        config = config_from_dict(NeRFFitConfig, values, f"{path}: fit")
+    except ConfigError as error:
+        raise UserError(str(error)) from None
+    return dataclasses.replace(config, field=field_config, backend=backend)
+
+
+def _scene_description(folder: str) -> tuple[str, str, str, np.ndarray]:
+    """``(shape, colour, caption, layout [15])`` of a scene folder of ``scripts.make_scenes``: the caption of
+    ``scene.json`` and its first object's shape, colour, position, half extents and rotation (row-major)."""
+    path = os.path.join(folder, "scene.json")
+    try:
+        with open(path) as handle:
+            info = json.load(handle)
+        first = info["objects"][0]
+        layout = np.concatenate([np.asarray(first["position"], np.float64).reshape(3),
+                                 np.asarray(first["size"], np.float64).reshape(3),
+                                 np.asarray(first["rotation"], np.float64).reshape(9)])
+        return str(first["shape"]), str(first["colour"]), str(info.get("caption", "")), layout
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no scene.json (NeRF teachers need the scene folders of scripts.make_scenes for "
+                        "their attributes, captions and true views)") from None
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise UserError(f"{path}: unreadable scene attributes ({type(error).__name__}: {error})") from None
+
+
+def load_nerf_teachers(dataset, path: str, backend: str, eval_views: int) -> TeacherData:
+    """NeRF teacher fields (``fields.encode_dataset --source scenes:DIR``) with their scenes: the folders are
+    ``DIR/source_id``; attributes, caption and layout come from each ``scene.json``; the first ``eval_views``
+    test views (over white) are the references; every teacher's occupancy is rebuilt from its density.
+
+    Raises:
+        UserError: fewer than two fields, non-finite weights, a layout that is not an Instant-NGP NeRF's,
+            a missing fit config, missing scene folders, or scenes whose splits differ in shape.
+    """
+    from fields.config import ConfigError, config_from_dict
+    from fields.data.collection_sources import strip_family
+    from fields.data.nerf_scenes import load_scene
+    from fields.models.nerf import NeRFFieldConfig
+    from fields.nerf_fitting import white_composite
+
+    count = len(dataset)
+    if count < 2:
+        raise UserError(f"{path} holds {count} field(s); distillation needs at least 2")
+    finite = np.all(np.isfinite(dataset.matrix), axis=1)
+    if not np.all(finite):
+        raise UserError(f"{path}: {int(np.sum(~finite))} field(s) hold NaN or infinite weights "
+                        f"(first: row {int(np.flatnonzero(~finite)[0])})")
+    total = param_count(dataset.param_map)
+    try:
+        kernel_chains(tensor_specs(dataset.param_map, np.zeros(total), np.ones(total)))
+        field_config = config_from_dict(NeRFFieldConfig, dataset.field_config, f"{path}: field_config")
+    except (ValueError, ConfigError) as error:
+        raise UserError(f"{path}: not an Instant-NGP NeRF field layout ({error})") from None
+    fit_config = _nerf_fit_config(dataset.metadata, path, field_config, backend)
+    source = str(dataset.metadata.get("source", ""))
+    root = strip_family(source)
+    if not source or not os.path.isdir(root):
+        raise UserError(f"{path}: NeRF teachers need their scene folders (the dataset's source is {source!r}, not a "
+                        "folder here; run from where fields.encode_dataset --source scenes:DIR was run)")
+    columns = dataset.columns
+    source_ids = [str(value) for value in columns.get("source_id", [""] * count)]
+    folders = [os.path.join(root, source_id) for source_id in source_ids]
+    shapes, colours, captions, layouts, train_splits, test_splits = [], [], [], [], [], []
+    for folder in folders:
+        shape, colour, caption, layout = _scene_description(folder)
+        shapes.append(shape)
+        colours.append(colour)
+        captions.append(caption)
+        layouts.append(layout)
+        test_split = "test" if os.path.exists(os.path.join(folder, "transforms_test.json")) else "train"
+        train_splits.append(load_scene(folder, "train"))
+        test_splits.append(load_scene(folder, test_split))
+    for name, splits in (("train", train_splits), ("test", test_splits)):
+        sizes = {(split.height, split.width) for split in splits}
+        if len(sizes) > 1 or (name == "train" and len({len(split) for split in splits}) > 1):
+            raise UserError(f"{path}: the scenes' {name} splits differ in size or view count; use scenes made "
+                            "with one scripts.make_scenes setting")
+    views = min([eval_views] + [len(split) for split in test_splits])
+    test_views = np.stack([white_composite(split.images[:views]) for split in test_splits]).astype(np.float32)
+    labels = np.asarray(columns["label"]).astype(np.int32) if "label" in columns else np.full(count, -1, np.int32)
+    steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
+    steps = np.where(steps > 0, steps, fit_config.steps)
+    seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else np.arange(count, dtype=np.int64)
+    seeds = np.where(seeds >= 0, seeds, np.arange(count, dtype=np.int64))
+    teachers = TeacherData(
+        path, dataset.matrix, list(dataset.param_map), field_config, fit_config, test_splits[0].height,
+        test_splits[0].width, source_ids, labels, shapes, colours, captions, np.stack(layouts), None, steps, seeds,
+        _init_seeds(columns, seeds), NERF_KIND)
+    teachers.scenes = SceneViews(
+        folders, np.stack([split.camera_to_world for split in train_splits]).astype(np.float32),
+        np.stack([split.intrinsics for split in train_splits]).astype(np.float32), train_splits[0].height,
+        train_splits[0].width, np.stack([split.camera_to_world[:views] for split in test_splits]).astype(np.float32),
+        np.stack([split.intrinsics[:views] for split in test_splits]).astype(np.float32), test_views,
+        np.zeros((count, 0), np.uint8))
+    teachers.scenes.bitfields = nerf_grids(teachers.matrix, teachers)["bitfield"]
+    return teachers
+
+
+def nerf_render_rays(model, params, bitfield: jax.Array, origins: jax.Array, directions: jax.Array,
+                     background: jax.Array, fit_config) -> jax.Array:
+    """One NeRF's colours ``[R, 3]`` of rays ``origins, directions [R, 3]`` over ``background [R, 3]``.
+
+    The samples are those ``fields.nerf_fitting.march`` packs (``t_near + (k + 0.5) * step_size`` for
+    ``k < steps_per_diagonal``, before ``t_far``, in a cell marked in ``bitfield [cells / 8]``), kept unpacked
+    (``[R * steps_per_diagonal]`` with a validity mask) so that the function vmaps over fields; compositing
+    is ``fields.rendering.volume.composite_reference`` (early termination included). Differentiable in
+    ``params``.
+    """
+    from fields.rendering import occupancy_grid, volume
+
+    aabb = jnp.asarray(fit_config.aabb)
+    num_rays, num_steps = origins.shape[0], fit_config.steps_per_diagonal
+    step_size = jnp.float32(fit_config.step_size)
+    t_near, t_far = volume.intersect_aabb(origins, directions, aabb)
+    ts = t_near[:, None] + (jnp.arange(num_steps, dtype=jnp.float32) + jnp.float32(0.5)) * step_size  # [R, K]
+    positions = (origins[:, None, :] + directions[:, None, :] * ts[..., None]).reshape(-1, 3)
+    unit = volume.to_unit_cube(positions, aabb)
+    valid = (ts < t_far[:, None]).reshape(-1) & occupancy_grid.is_occupied(bitfield, unit,
+                                                                           fit_config.occupancy.resolution)
+    sample_directions = jnp.repeat(directions, num_steps, axis=0)
+    sigmas, rgbs = model.apply({"params": params}, jnp.clip(unit, 0.0, 1.0), sample_directions)
+    samples = volume.PackedSamples(
+        positions=positions, directions=sample_directions, ts=ts.reshape(-1),
+        dts=jnp.where(valid, step_size, jnp.float32(0.0)),
+        ray_indices=jnp.repeat(jnp.arange(num_rays, dtype=jnp.int32), num_steps), valid=valid,
+        num_samples=jnp.sum(valid, dtype=jnp.int32),
+        ray_counts=jnp.sum(valid.reshape(num_rays, num_steps), axis=1, dtype=jnp.int32))
+    colour, opacity, _ = volume.composite_reference(sigmas, rgbs, samples, num_rays)
+    return colour + (1.0 - opacity)[:, None] * background
+
+
+def nerf_grid(model, params, fit_config) -> dict[str, jax.Array]:
+    """One NeRF's occupancy grid rebuilt from its density: ``{"density": [cells], "bitfield": [cells / 8]}``.
+
+    The optical thickness (density x marching step) is the maximum over 2^3 points per cell (at the quarter
+    positions); a cell is occupied above ``min(threshold, mean)``, as ``fields.rendering.occupancy_grid.update``
+    decides (the datasets do not store the grids the teachers were trained with).
+    """
+    from fields.models.nerf import NeRFField
+    from fields.rendering import occupancy_grid
+
+    grid = fit_config.occupancy
+    corners = jnp.asarray(occupancy_grid.cell_centres(grid.resolution))  # lower corners [cells, 3]
+    offsets = (np.stack(np.meshgrid(*([np.array([0.25, 0.75])] * 3), indexing="ij"), -1).reshape(-1, 3)
+               / grid.resolution).astype(np.float32)
+    points = (corners[:, None, :] + jnp.asarray(offsets)[None]).reshape(-1, 3)
+    density = model.apply({"params": params}, points, method=NeRFField.density).reshape(-1, len(offsets))
+    thickness = jnp.max(density, axis=1) * jnp.float32(fit_config.step_size)
+    threshold = jnp.minimum(jnp.float32(grid.threshold), jnp.mean(thickness))
+    return {"density": thickness, "bitfield": occupancy_grid.pack_bits(thickness > threshold)}
+
+
+@functools.lru_cache(maxsize=8)
+def _nerf_functions(fit_config, pmap: tuple[ParamEntry, ...]):
+    """``(grids(matrix [n, P]) -> {density, bitfield}, render(matrix, bitfields, origins [n, C, 3], directions))``,
+    jitted and vmapped over fields (colours over white)."""
+    from fields.models.nerf import NeRFField
+
+    model = NeRFField(fit_config.field, backend=fit_config.backend)
+    total = param_count(pmap)
+    specs = tensor_specs(pmap, np.zeros(total), np.ones(total))
+
+    def grids(vector):
+        return nerf_grid(model, vector_to_field_params(vector, specs), fit_config)
+
+    def render(vector, bitfield, origins, directions):
+        background = jnp.ones(origins.shape, jnp.float32)
+        colour = nerf_render_rays(model, vector_to_field_params(vector, specs), bitfield, origins, directions,
+                                  background, fit_config)
+        return jnp.clip(colour, 0.0, 1.0)
+
+    return jax.jit(jax.vmap(grids)), jax.jit(jax.vmap(render))
+
+
+def nerf_grids(matrix: np.ndarray, teachers: TeacherData) -> dict[str, np.ndarray]:
+    """Occupancy grids of NeRF weights ``[n, P]``: ``{"density": [n, cells], "bitfield": [n, cells / 8]}``."""
+    grids, _ = _nerf_functions(teachers.fit_config, tuple(teachers.param_map))
+    result = grids(jnp.asarray(matrix, jnp.float32))
+    return {name: np.asarray(value) for name, value in result.items()}
+
+
+def render_nerf_views(matrix: np.ndarray, teachers: TeacherData, cameras: np.ndarray,
+                      intrinsics: np.ndarray) -> np.ndarray:
+    """NeRF weights ``[n, P]`` rendered (each with its rebuilt occupancy grid, over white) at their own views
+    ``cameras [n, V, 4, 4]``, ``intrinsics [n, V, 4]`` -> ``[n, V, H, W, 3]`` in [0, 1] (``H, W``: the test views')."""
+    from fields.nerf_fitting import pixel_rays
+
+    matrix = jnp.asarray(matrix, jnp.float32)
+    count, num_views = cameras.shape[:2]
+    height, width = teachers.height, teachers.width
+    grids, render = _nerf_functions(teachers.fit_config, tuple(teachers.param_map))
+    bitfields = grids(matrix)["bitfield"]
+    pixels = np.arange(num_views * height * width)
+    view_index, pixel = pixels // (height * width), pixels % (height * width)
+    view_index, cols, rows = (jnp.asarray(values, jnp.int32) for values in (view_index, pixel % width, pixel // width))
+    origins, directions = jax.vmap(lambda c2w, intr: pixel_rays(c2w, intr, view_index, cols, rows))(
+        jnp.asarray(cameras, jnp.float32), jnp.asarray(intrinsics, jnp.float32))
+    total = len(pixels)
+    per_field = NERF_SAMPLES_PER_CALL // (count * teachers.fit_config.steps_per_diagonal)
+    chunk = 1 << max(6, int(math.floor(math.log2(max(per_field, 1)))))
+    chunk = min(chunk, 1 << int(math.ceil(math.log2(total))))
+    outputs = []
+    for start in range(0, total, chunk):
+        index = jnp.asarray(np.minimum(np.arange(start, start + chunk), total - 1), jnp.int32)
+        outputs.append(np.asarray(render(matrix, bitfields, origins[:, index], directions[:, index])))
+    colours = np.concatenate(outputs, axis=1)[:, :total]
+    return colours.reshape(count, num_views, height, width, 3)
+
+
+def render_rows(matrix: np.ndarray, teachers: TeacherData, rows: np.ndarray, backend: str) -> np.ndarray:
+    """Weights ``[n, P]`` standing for the dataset rows ``rows`` rendered as they are scored: images
+    ``[n, H, W, C]`` (``render_matrix``), or NeRFs at the rows' test cameras ``[n, V, H, W, 3]``."""
+    if teachers.is_nerf:
+        rows = np.asarray(rows, np.int64)
+        return render_nerf_views(matrix, teachers, teachers.scenes.test_cameras[rows],
+                                 teachers.scenes.test_intrinsics[rows])
+    return render_matrix(matrix, teachers, backend)
+
+
+def field_psnr(references: np.ndarray, renders: np.ndarray) -> np.ndarray:
+    """``[n]`` dB: per-image PSNR (``[n, H, W, C]``), or the mean over views of the per-view PSNR (``[n, V, H, W, C]``,
+    as ``fields.nerf_fitting.evaluate_views`` scores a NeRF)."""
+    references, renders = np.asarray(references), np.asarray(renders)
+    if references.ndim == 5:
+        count, views = references.shape[:2]
+        flat = batch_psnr(references.reshape((count * views,) + references.shape[2:]),
+                          renders.reshape((count * views,) + renders.shape[2:]))
+        return flat.reshape(count, views).mean(axis=1)
+    return batch_psnr(references, renders)
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -429,16 +797,25 @@ def _attribute_index(value: str, known: list[str]) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big")
 
 
-def pair_is_held_out(shape: str, colour: str, modulus: int) -> bool:
+def pair_is_held_out(shape: str, colour: str, modulus: int, shapes: tuple[str, ...] | None = None) -> bool:
     """The zero-shot rule: the colour-shape pair is held out when ``(3 * s + c) % modulus == 0``, with ``s`` and
-    ``c`` the indices of the shape in ``SHAPES_2D`` and of the colour in ``PALETTE`` (a stable hash for other
-    names). Every shape keeps training colours and every colour training shapes (for ``modulus >= 2``)."""
+    ``c`` the indices of the shape in ``shapes`` (default ``SHAPES_2D``; NeRF scenes: ``procgen_3d.SHAPES``) and
+    of the colour in ``PALETTE`` (a stable hash for other names). Every shape keeps training colours and every
+    colour training shapes (for ``modulus >= 2``)."""
     from fields.data.procgen_2d import SHAPES_2D
     from fields.data.procgen_3d import PALETTE
 
-    shape_index = _attribute_index(shape, list(SHAPES_2D))
+    shape_index = _attribute_index(shape, list(SHAPES_2D if shapes is None else shapes))
     colour_index = _attribute_index(colour, list(PALETTE))
     return (3 * shape_index + colour_index) % modulus == 0
+
+
+def shape_names(teachers: TeacherData) -> tuple[str, ...]:
+    """The shape vocabulary of the held-out rule: ``procgen_3d.SHAPES`` for NeRF teachers, else ``SHAPES_2D``."""
+    from fields.data.procgen_2d import SHAPES_2D
+    from fields.data.procgen_3d import SHAPES
+
+    return tuple(SHAPES) if teachers.is_nerf else tuple(SHAPES_2D)
 
 
 def held_out_mask(teachers: TeacherData, modulus: int, seed: int) -> tuple[np.ndarray, str]:
@@ -451,7 +828,8 @@ def held_out_mask(teachers: TeacherData, modulus: int, seed: int) -> tuple[np.nd
     from hypernets.datasets import split_by_source
 
     if teachers.shapes is not None and teachers.colours is not None:
-        mask = np.asarray([pair_is_held_out(shape, colour, modulus)
+        shapes = shape_names(teachers)
+        mask = np.asarray([pair_is_held_out(shape, colour, modulus, shapes)
                            for shape, colour in zip(teachers.shapes, teachers.colours, strict=True)], bool)
         rule = f"colour-shape pairs with (3 * shape_index + colour_index) % {modulus} == 0 held out"
     else:
@@ -540,7 +918,7 @@ def build_conditions(kind: str, use_layout: bool, teachers: TeacherData, train_r
         if teachers.layouts is None:
             raise UserError(f"{where}: layout conditioning needs {', '.join(LAYOUT_COLUMNS)} columns (or "
                             f"{PROCEDURAL_SOURCE} source ids); use --no-layout")
-        arrays["layout"] = layout_features(teachers.layouts)
+        arrays["layout"] = teachers.layout_features()
     return ConditionData(spec, arrays, vocabulary)
 
 
@@ -600,6 +978,49 @@ class ConditionalTask:
         return loss, {"render_loss": render_loss, "weight_error": weight_error}
 
 
+@dataclasses.dataclass
+class NeRFConditionalTask(ConditionalTask):
+    """Distillation of NeRF teachers: batches also hold each teacher's rebuilt occupancy ``bitfield``
+    ``[B, cells / 8]`` and its scene's training ``cameras [B, V, 4, 4]`` and ``intrinsics [B, V, 4]``.
+
+    The loss renders ``rays_per_field`` rays per field through random points of random pixels of random
+    training views (``height x width``), over a random background colour per ray, with ``nerf_render_rays``:
+    the teacher inside its occupied cells, the student at every marching sample.
+    """
+
+    fit_config: Any = None
+    rays_per_field: int = 128
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array):
+        from fields.nerf_fitting import pixel_rays
+
+        normalized, raw = self.generate(params, condition_inputs(batch))
+        batch_size, rays = normalized.shape[0], self.rays_per_field
+        cameras = jnp.asarray(batch["cameras"], jnp.float32)
+        intrinsics = jnp.asarray(batch["intrinsics"], jnp.float32)
+        key_view, key_col, key_row, key_offset, key_background = jax.random.split(key, 5)
+        views = jax.random.randint(key_view, (batch_size, rays), 0, cameras.shape[1], dtype=jnp.int32)
+        cols = jax.random.randint(key_col, (batch_size, rays), 0, self.width, dtype=jnp.int32)
+        rows = jax.random.randint(key_row, (batch_size, rays), 0, self.height, dtype=jnp.int32)
+        offsets = jax.random.uniform(key_offset, (batch_size, rays, 2), jnp.float32)
+        origins, directions = jax.vmap(pixel_rays)(cameras, intrinsics, views, cols, rows, offsets)
+        background = jax.random.uniform(key_background, (batch_size, rays, 3), jnp.float32)
+        bitfields = jnp.asarray(batch["bitfield"], jnp.uint8)
+        everywhere = jnp.full(bitfields.shape[1:], 255, jnp.uint8)
+
+        def render(vector, bitfield, ray_origins, ray_directions, ray_background):
+            return nerf_render_rays(self.field_model, vector_to_field_params(vector, self.specs), bitfield,
+                                    ray_origins, ray_directions, ray_background, self.fit_config)
+
+        student = jax.vmap(render, in_axes=(0, None, 0, 0, 0))(raw, everywhere, origins, directions, background)
+        teacher = jax.lax.stop_gradient(jax.vmap(render)(jnp.asarray(batch["teacher"], jnp.float32), bitfields,
+                                                         origins, directions, background))
+        render_loss = jnp.mean(jnp.square(student - teacher))
+        weight_error = jnp.mean(jnp.square(normalized - jnp.asarray(batch["target"], jnp.float32)))
+        loss = render_loss + jnp.float32(self.weight_loss) * weight_error
+        return loss, {"render_loss": render_loss, "weight_error": weight_error}
+
+
 def condition_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The condition entries of a batch (``CONDITION_KEYS`` present in it)."""
     return {name: batch[name] for name in CONDITION_KEYS if name in batch}
@@ -613,6 +1034,14 @@ def build_task(config: ConditionalConfig, teachers: TeacherData, spec: Condition
                                 variant=config.variant, width=config.width, depth=config.depth,
                                 chunk_size=config.chunk_size, chunk_embedding=config.chunk_embedding,
                                 probe_grid=config.probe_grid, backend=config.backend)
+    if teachers.is_nerf:
+        from fields.models.nerf import NeRFField
+
+        scenes = teachers.scenes
+        return NeRFConditionalTask(model=model, field_model=NeRFField(teachers.field_config, backend=config.backend),
+                                   specs=specs, height=scenes.train_height, width=scenes.train_width,
+                                   pixels_per_field=config.pixels_per_field, weight_loss=config.weight_loss,
+                                   fit_config=teachers.fit_config, rays_per_field=config.rays_per_field)
     return ConditionalTask(model=model, field_model=teachers.field_config.build(config.backend), specs=specs,
                            height=teachers.height, width=teachers.width, pixels_per_field=config.pixels_per_field,
                            weight_loss=config.weight_loss)
@@ -640,27 +1069,37 @@ def make_generator(task: ConditionalTask):
 def make_evaluate(task: ConditionalTask, teachers: TeacherData, conditions: ConditionData, rows: np.ndarray,
                   backend: str):
     """``evaluate(params, step)``: mean render PSNR of the generated held-out fields against their teachers'
-    renders (and against the true images when known); None without held-out rows."""
+    renders (and against the true images or test views when known); None without held-out rows."""
     if len(rows) == 0:
         return None
     generate = make_generator(task)
     inputs = conditions.rows(rows)
-    teacher_renders = render_matrix(teachers.matrix[rows], teachers, backend)
-    true_images = teachers.true_images(rows)
+    teacher_renders = render_rows(teachers.matrix[rows], teachers, rows, backend)
+    true_images = teachers.references(rows)
 
     def evaluate(params: Any, step: int) -> dict[str, float]:
         del step
-        renders = render_matrix(generate(params, inputs), teachers, backend)
-        results = {"heldout_psnr_vs_teacher": float(np.mean(batch_psnr(teacher_renders, renders)))}
+        renders = render_rows(generate(params, inputs), teachers, rows, backend)
+        results = {"heldout_psnr_vs_teacher": float(np.mean(field_psnr(teacher_renders, renders)))}
         if true_images is not None:
-            results["heldout_psnr_vs_true"] = float(np.mean(batch_psnr(true_images, renders)))
+            results["heldout_psnr_vs_true"] = float(np.mean(field_psnr(true_images, renders)))
         return results
 
     return evaluate
 
 
 def initial_weights(fit_config, pmap: list[ParamEntry], seeds: np.ndarray) -> np.ndarray:
-    """Fresh field initialisations ``[n, P]``, each as ``fields.image_fitting.fit_image`` draws it for its seed."""
+    """Fresh field initialisations ``[n, P]``, each as ``fields.image_fitting.fit_image`` (or, for a
+    ``NeRFFitConfig``, ``fields.nerf_fitting.initial_state``) draws it for its seed."""
+    if hasattr(fit_config, "occupancy"):
+        from fields.models.nerf import NeRFField
+
+        nerf = NeRFField(fit_config.field, backend=fit_config.backend)
+        positions = jnp.zeros((1, 3), jnp.float32)
+        directions = jnp.ones((1, 3), jnp.float32) / jnp.float32(math.sqrt(3.0))
+        init_nerf = jax.jit(jax.vmap(lambda seed: nerf.init(jax.random.PRNGKey(seed), positions, directions)["params"]))
+        return stacked_params_to_matrix(init_nerf(jnp.asarray(np.asarray(seeds, np.int64) % (1 << 32), jnp.uint32)),
+                                        pmap)
     model = fit_config.field.build(fit_config.backend)
     dummy = jnp.zeros((1, 2), jnp.float32)
 
@@ -741,11 +1180,77 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
     return FinetuneResult(np.where(reached, steps, max_steps), reached, psnr)
 
 
+def finetune_nerf_steps(start: np.ndarray, rows: np.ndarray, teachers: TeacherData, target_psnr: np.ndarray,
+                        max_steps: np.ndarray, seeds: np.ndarray, check_every: int) -> FinetuneResult:
+    """``finetune_steps`` for NeRF teachers: fits the scenes of ``rows`` from the weights ``start [n, P]`` with the
+    teachers' own training chunk (``fields.nerf_fitting``'s, vmapped over fields: its ray sampling, occupancy
+    grid updates, Adam on the teacher's schedule with a fresh state), the occupancy grid starting from the one
+    the start weights imply (``nerf_grid``); every ``check_every`` steps the fields are rendered at the test
+    views (``render_rows``) and counted when they reach ``target_psnr [n]``; caps ``max_steps [n]``; ray
+    sampling seeds ``seeds [n]``."""
+    from fields.nerf_fitting import _compiled_nerf_batch, scene_arrays
+    from fields.training import FieldSharding, make_optimizer
+
+    rows = np.asarray(rows, np.int64)
+    max_steps = np.asarray(max_steps, np.int64)
+    horizon = int(max_steps.max())
+    config = dataclasses.replace(teachers.fit_config, steps=horizon)
+    optimizer = make_optimizer(config)
+    params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(np.asarray(start, np.float32), teachers.param_map))
+    grids = nerf_grids(start, teachers)
+    state = {"params": params, "opt_state": jax.vmap(optimizer.init)(params),
+             "grid": {name: jnp.asarray(value) for name, value in grids.items()}}
+    splits = teachers.scenes.train_splits(rows)
+    data = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[scene_arrays(split) for split in splits])
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(seed) % (1 << 32)), 1) for seed in seeds])
+    leaves, structure = jax.tree_util.tree_flatten((state, data))
+    train_chunk = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
+                                       FieldSharding())  # one device
+    references = teachers.references(rows)
+    target_psnr = np.asarray(target_psnr, np.float64)
+
+    def current_psnr(state) -> np.ndarray:
+        weights = stacked_params_to_matrix(jax.tree_util.tree_map(np.asarray, state["params"]), teachers.param_map)
+        return field_psnr(references, render_rows(weights, teachers, rows, config.backend))
+
+    psnr = current_psnr(state)
+    steps = np.where(psnr >= target_psnr, 0, -1).astype(np.int64)
+    step = 0
+    while step < horizon and np.any(steps < 0):
+        chunk = min(check_every, horizon - step)
+        state, _ = train_chunk(state, data, keys, jnp.int32(step), jnp.int32(chunk))
+        step += chunk
+        psnr = current_psnr(state)
+        newly = (steps < 0) & (psnr >= target_psnr) & (step <= max_steps)
+        steps[newly] = step
+    reached = steps >= 0
+    return FinetuneResult(np.where(reached, steps, max_steps), reached, psnr)
+
+
+def nerf_retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, held_rows: np.ndarray,
+                             references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``retrieval_baselines`` for NeRFs: every training teacher rendered at each held-out scene's test cameras."""
+    mean_psnr, nearest_psnr = [], []
+    scenes = teachers.scenes
+    for slot, row in enumerate(held_rows):
+        count = len(train_rows)
+        cameras = np.repeat(scenes.test_cameras[row][None], count, axis=0)
+        intrinsics = np.repeat(scenes.test_intrinsics[row][None], count, axis=0)
+        renders = render_nerf_views(teachers.matrix[train_rows], teachers, cameras, intrinsics).astype(np.float64)
+        reference = references[slot][None]
+        mean_psnr.append(field_psnr(reference, renders.mean(axis=0, keepdims=True))[0])
+        nearest_psnr.append(field_psnr(np.repeat(reference, count, axis=0), renders).max())
+    return np.asarray(mean_psnr), np.asarray(nearest_psnr)
+
+
 def retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, references: np.ndarray,
-                        backend: str) -> tuple[np.ndarray, np.ndarray]:
+                        backend: str, held_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Baselines that ignore the condition, ``([n], [n])`` dB against ``references [n, H, W, C]``: the mean
     render of the training teachers ``train_rows``, and the best single training teacher's render (the
-    PSNR a pure memoriser with an oracle choice would reach)."""
+    PSNR a pure memoriser with an oracle choice would reach). NeRFs (``references [n, V, H, W, 3]``) need
+    the ``held_rows`` the references belong to (the training teachers are rendered at their cameras)."""
+    if teachers.is_nerf:
+        return nerf_retrieval_baselines(teachers, train_rows, held_rows, references)
     renders = render_matrix(teachers.matrix[train_rows], teachers, backend).astype(np.float64)
     mean_image = np.repeat(renders.mean(axis=0, keepdims=True), len(references), axis=0)
     errors = np.mean(np.square(renders[None] - np.asarray(references, np.float64)[:, None]), axis=(2, 3, 4))
@@ -763,8 +1268,10 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
     """Generates, scores and finetunes up to ``config.zero_shot_items`` held-out items; writes
     ``W/zero_shot.json`` and (with items) ``W/zero_shot.png`` (rows: true | generated | teacher).
 
-    PSNRs are against the true procedural images when known (else against the teachers' renders, and
-    ``reference`` says so). Finetuning targets each teacher's own PSNR against that reference.
+    PSNRs are against the true procedural images or the scenes' true test views when known (else against
+    the teachers' renders, and ``reference`` says so). Finetuning targets each teacher's own PSNR against
+    that reference, from the generated weights and from the teacher's own initial weights (``init_seeds``),
+    both with the sampling seeds ``seeds + FRESH_SEED_OFFSET``.
     """
     from hypernets.rendering import image_previews, save_grid
 
@@ -775,13 +1282,15 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
     report: dict[str, Any] = {"step": int(step), "rule": rule, "num_held_out": int(np.sum(held_out)),
                               "num_training": int(np.sum(~held_out)), "num_evaluated": int(len(held_rows)),
                               "check_every": config.finetune_check_every, "items": []}
-    true_images = teachers.true_images(np.concatenate([held_rows, train_rows]))
-    report["reference"] = "true image" if true_images is not None else "teacher render"
+    true_images = teachers.references(np.concatenate([held_rows, train_rows]))
+    report["field_kind"] = teachers.field_kind
+    report["reference"] = (("true test views" if teachers.is_nerf else "true image") if true_images is not None
+                           else "teacher render")
     if len(train_rows):
-        train_renders = render_matrix(generate(params, conditions.rows(train_rows)), teachers, backend)
+        train_renders = render_rows(generate(params, conditions.rows(train_rows)), teachers, train_rows, backend)
         train_reference = (true_images[len(held_rows):] if true_images is not None
-                           else render_matrix(teachers.matrix[train_rows], teachers, backend))
-        report["mean_train_generated_psnr"] = _mean(batch_psnr(train_reference, train_renders))
+                           else render_rows(teachers.matrix[train_rows], teachers, train_rows, backend))
+        report["mean_train_generated_psnr"] = _mean(field_psnr(train_reference, train_renders))
     path = os.path.join(workdir, "zero_shot.json")
     if not len(held_rows):
         report["note"] = ("zero_shot_items is 0" if config.zero_shot_items == 0
@@ -791,20 +1300,25 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
 
     generated = generate(params, conditions.rows(held_rows))
     teacher_matrix = teachers.matrix[held_rows]
-    teacher_renders = render_matrix(teacher_matrix, teachers, backend)
-    generated_renders = render_matrix(generated, teachers, backend)
+    teacher_renders = render_rows(teacher_matrix, teachers, held_rows, backend)
+    generated_renders = render_rows(generated, teachers, held_rows, backend)
     reference = true_images[:len(held_rows)] if true_images is not None else teacher_renders
-    generated_psnr = batch_psnr(reference, generated_renders)
-    teacher_psnr = batch_psnr(reference, teacher_renders)
-    versus_teacher = batch_psnr(teacher_renders, generated_renders)
+    generated_psnr = field_psnr(reference, generated_renders)
+    teacher_psnr = field_psnr(reference, teacher_renders)
+    versus_teacher = field_psnr(teacher_renders, generated_renders)
     caps = teachers.steps[held_rows]
-    fit_seeds = teachers.seeds[held_rows]
-    from_generated = finetune_steps(generated, reference, teacher_psnr, caps, teachers.fit_config,
-                                    teachers.param_map, fit_seeds, config.finetune_check_every)
-    fresh_seeds = fit_seeds + 1_000_003
-    from_fresh = finetune_steps(initial_weights(teachers.fit_config, teachers.param_map, fresh_seeds), reference,
-                                teacher_psnr, caps, teachers.fit_config, teachers.param_map, fresh_seeds,
-                                config.finetune_check_every)
+    sample_seeds = teachers.seeds[held_rows] + FRESH_SEED_OFFSET
+    init_seeds = teachers.init_seeds if teachers.init_seeds is not None else teachers.seeds
+    scratch = initial_weights(teachers.fit_config, teachers.param_map, init_seeds[held_rows])
+    runs = []
+    for start in (generated, scratch):
+        if teachers.is_nerf:
+            runs.append(finetune_nerf_steps(start, held_rows, teachers, teacher_psnr, caps, sample_seeds,
+                                            config.finetune_check_every))
+        else:
+            runs.append(finetune_steps(start, reference, teacher_psnr, caps, teachers.fit_config, teachers.param_map,
+                                       sample_seeds, config.finetune_check_every))
+    from_generated, from_fresh = runs
     for slot, row in enumerate(held_rows):
         item = {"row": int(row), "source_id": teachers.source_ids[row], "generated_psnr": float(generated_psnr[slot]),
                 "teacher_psnr": float(teacher_psnr[slot]), "generated_vs_teacher_psnr": float(versus_teacher[slot]),
@@ -819,8 +1333,8 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
         report["items"].append(item)
     mean_generated_steps = _mean(from_generated.steps)
     mean_fresh_steps = _mean(from_fresh.steps)
-    mean_baseline, nearest_baseline = retrieval_baselines(teachers, np.flatnonzero(~held_out)[:BASELINE_ROWS],
-                                                          reference, backend)
+    baseline_rows = np.flatnonzero(~held_out)[:NERF_BASELINE_ROWS if teachers.is_nerf else BASELINE_ROWS]
+    mean_baseline, nearest_baseline = retrieval_baselines(teachers, baseline_rows, reference, backend, held_rows)
     report.update({
         "mean_generated_psnr": _mean(generated_psnr), "mean_teacher_psnr": _mean(teacher_psnr),
         "mean_generated_vs_teacher_psnr": _mean(versus_teacher),
@@ -829,8 +1343,11 @@ def zero_shot(task: ConditionalTask, params: Any, teachers: TeacherData, conditi
         "num_reached_from_generated": int(np.sum(from_generated.reached)),
         "num_reached_from_fresh": int(np.sum(from_fresh.reached)),
         "finetune_steps_ratio": (mean_generated_steps / mean_fresh_steps) if mean_fresh_steps else None,
+        "finetune_speedup": (mean_fresh_steps / mean_generated_steps) if mean_generated_steps else None,
     })
     write_json(path, report)
+    if teachers.is_nerf:  # the first test view of each scene
+        reference, generated_renders, teacher_renders = reference[:, 0], generated_renders[:, 0], teacher_renders[:, 0]
     triples = np.stack([image_previews(reference), image_previews(generated_renders),
                         image_previews(teacher_renders)], axis=1)
     save_grid(os.path.join(workdir, "zero_shot.png"), triples.reshape((-1,) + triples.shape[2:]), columns=3)
@@ -876,7 +1393,7 @@ def resolve_source(args, saved: dict | None) -> tuple[str | None, TeacherSpec | 
             return None, TeacherSpec(**saved["teachers"])
         except TypeError:
             raise UserError(f"{args.workdir}/config.json: malformed teachers entry") from None
-    raise UserError("give --data FIELDS (a dataset of ngp_image fields) or --make-teachers N")
+    raise UserError("give --data FIELDS (a dataset of ngp_image or ngp_nerf fields) or --make-teachers N")
 
 
 def run_record(data: str | None, teachers: TeacherSpec | None, config: ConditionalConfig) -> dict:
@@ -887,7 +1404,8 @@ def run_record(data: str | None, teachers: TeacherSpec | None, config: Condition
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=f"python -m {PROGRAM}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="dataset of ngp_image teacher fields (a .parquet shard or a folder)")
+    parser.add_argument("--data", help="dataset of ngp_image or ngp_nerf teacher fields (a .parquet shard or a "
+                                       "folder; NeRF fields with their scene folders, see the module docstring)")
     parser.add_argument("--make-teachers", type=int, metavar="N",
                         help="fit N procedural primitives as teachers (with shape, colour, caption) into W/teachers")
     parser.add_argument("--size", type=int, help="--make-teachers: image side in pixels (default 16)")
@@ -921,6 +1439,10 @@ def prepare_training(config: ConditionalConfig, teachers: TeacherData):
     teacher_matrix = teachers.matrix[train_rows].astype(np.float32)
     arrays = {**conditions.rows(train_rows), "teacher": teacher_matrix,
               "target": statistics.normalize(teacher_matrix, config.normalization)}
+    if teachers.is_nerf:
+        scenes = teachers.scenes
+        arrays.update({"bitfield": scenes.bitfields[train_rows], "cameras": scenes.train_cameras[train_rows],
+                       "intrinsics": scenes.train_intrinsics[train_rows]})
     return task, conditions, held_out, rule, train_rows, arrays
 
 
@@ -934,21 +1456,24 @@ def main(argv: list[str] | None = None) -> int:
     saved = read_saved_run(args.workdir, SECTION, PROGRAM)
     data, teacher_spec = resolve_source(args, saved)
     config = resolve_config(args, saved)
-    if data is not None:  # refuse NeRF and other field kinds before touching the work directory
+    if data is not None:  # refuse other field kinds before touching the work directory
         check_field_kind(dataset_field_kind(data), data)
     record = run_record(data, teacher_spec, config)
     check_run_config(args.workdir, saved, record, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    # Given teachers are read (NeRF scenes included) before the work directory is touched.
+    teachers = load_teachers(data, config.backend, config.eval_views) if data is not None else None
     print(config_to_json(config))
     prepare_workdir(args.workdir)
     write_run(args.workdir, record)
-    if teacher_spec is not None:
+    if teachers is None:
         data = make_teachers(os.path.join(args.workdir, TEACHERS_DIRECTORY), teacher_spec, config.backend,
                              progress=not args.quiet)
-    teachers = load_teachers(data, config.backend)
+        teachers = load_teachers(data, config.backend, config.eval_views)
     task, conditions, held_out, rule, train_rows, arrays = prepare_training(config, teachers)
     write_json(os.path.join(args.workdir, "vocabulary.json"), conditions.vocabulary)
     print(f"{len(train_rows)} training teachers, {int(np.sum(held_out))} held out ({rule}); "
-          f"{teachers.height}x{teachers.width} images, {teachers.matrix.shape[1]} weights per field; "
+          f"{teachers.height}x{teachers.width} {'test views' if teachers.is_nerf else 'images'}, "
+          f"{teachers.matrix.shape[1]} weights per {teachers.field_kind} field; "
           f"condition {config.condition}{' + layout' if config.layout else ''}, {config.variant} hypernetwork")
 
     stream = BatchStream(arrays, config.loop.batch_size, seed=config.loop.seed)

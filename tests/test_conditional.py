@@ -235,15 +235,15 @@ def test_finetune_counter_is_zero_from_the_teachers_own_weights(teachers):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def test_nerf_data_gets_a_one_line_error(tmp_path, capsys):
+def test_nerf_data_without_its_scenes_gets_a_one_line_error(tmp_path, capsys):
     pmap = [ParamEntry("hash_table", (8, 2), 0, 16, "hash"), ParamEntry("mlp/dense_0/kernel", (4, 4), 16, 16, "mlp")]
     path = str(tmp_path / "nerf.parquet")
     write_shard(path, np.zeros((2, 32), np.float32), {"source_id": ["a", "b"]}, "ngp_nerf", {}, pmap)
     workdir = tmp_path / "run"
     status, _, err = run_entry_point(conditional.main, ["--data", path, "--workdir", str(workdir), "--preset", "tiny"],
                                      capsys)
-    assert_one_line_error(status, err, "not supported yet")
-    assert "NeRF" in err and not workdir.exists()
+    assert_one_line_error(status, err, "NeRF field layout")
+    assert not workdir.exists()
 
 
 def test_conflicting_sources_and_missing_attributes_get_one_line_errors(tmp_path, capsys, teachers):
@@ -260,3 +260,148 @@ def test_conflicting_sources_and_missing_attributes_get_one_line_errors(tmp_path
     status, _, err = run_entry_point(conditional.main, ["--data", plain, "--workdir", str(tmp_path / "c"),
                                                         "--preset", "tiny", "--condition", "attributes"], capsys)
     assert_one_line_error(status, err, "'shape' and 'colour'")
+
+
+# ------------------------------------------------------------------------------------------- NeRF teachers
+
+NERF_SCENES = 10
+NERF_STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def nerf_fields(tmp_path_factory):
+    """Ten single-object 16x16 procedural scenes and their tiny NeRF fields (encode_dataset, shared init)."""
+    from fields import encode_dataset
+    from fields.data.procgen_3d import ViewConfig, generate_scenes
+
+    root = tmp_path_factory.mktemp("nerf")
+    scenes = root / "scenes"
+    generate_scenes(str(scenes), NERF_SCENES, ViewConfig(views={"train": 4, "val": 0, "test": 1}, resolution=16),
+                    seed=1, num_objects=(1, 1), progress=False)
+    out = root / "fields"
+    assert encode_dataset.main(["--source", f"scenes:{scenes}", "--out", str(out), "--preset", "tiny", "--steps",
+                                str(NERF_STEPS), "--fields-per-batch", str(NERF_SCENES), "--eval-views", "1",
+                                "--backend", "jax", "--quiet"]) == 0
+    return str(scenes), str(out)
+
+
+@pytest.fixture(scope="module")
+def nerf_teachers(nerf_fields):
+    return conditional.load_teachers(nerf_fields[1], "jax", eval_views=1)
+
+
+@pytest.fixture(scope="module")
+def nerf_run(nerf_fields, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("nerf-run") / "run")
+    assert conditional.main(["--data", nerf_fields[1], "--workdir", workdir, "--preset", "nerf-tiny", "--quiet"]) == 0
+    return workdir
+
+
+def test_nerf_teachers_carry_their_scenes_attributes_views_and_grids(nerf_fields, nerf_teachers):
+    from fields.data.procgen_3d import SHAPES
+
+    teachers = nerf_teachers
+    assert teachers.is_nerf and len(teachers) == NERF_SCENES and (teachers.height, teachers.width) == (16, 16)
+    for row in range(NERF_SCENES):
+        with open(os.path.join(teachers.scenes.folders[row], "scene.json")) as handle:
+            info = json.load(handle)
+        shape, colour = info["objects"][0]["shape"], info["objects"][0]["colour"]
+        assert (teachers.shapes[row], teachers.colours[row], teachers.captions[row]) == (
+            shape, colour, f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}")
+        np.testing.assert_allclose(teachers.layouts[row, :3], info["objects"][0]["position"])
+    assert teachers.scenes.test_views.shape == (NERF_SCENES, 1, 16, 16, 3)
+    assert teachers.scenes.train_cameras.shape == (NERF_SCENES, 4, 4, 4)
+    cells = teachers.fit_config.occupancy.resolution ** 3
+    assert teachers.scenes.bitfields.shape == (NERF_SCENES, cells // 8) and teachers.scenes.bitfields.dtype == np.uint8
+    np.testing.assert_array_equal(teachers.init_seeds, 0)  # encode_dataset --init shared
+    mask, rule = conditional.held_out_mask(teachers, conditional.PRESETS["nerf-tiny"].holdout_modulus, 0)
+    assert mask.any() and not mask.all()
+    for shape, colour, out in zip(teachers.shapes, teachers.colours, mask, strict=True):
+        assert out == conditional.pair_is_held_out(shape, colour, conditional.PRESETS["nerf-tiny"].holdout_modulus,
+                                                   tuple(SHAPES))
+    conditions = conditional.build_conditions("attributes", True, teachers, np.flatnonzero(~mask))
+    assert conditions.arrays["layout"].shape == (NERF_SCENES, 15)
+
+
+def test_nerf_renders_match_the_fitting_renderer(nerf_teachers):
+    """The vmapped evaluation renderer gives what fields.nerf_fitting's view renderer gives with the same grid."""
+    from fields.models.nerf import NeRFField
+    from fields.nerf_fitting import make_view_renderer
+
+    teachers = nerf_teachers
+    rows = np.arange(2)
+    renders = conditional.render_rows(teachers.matrix[rows], teachers, rows, "jax")
+    assert renders.shape == (2, 1, 16, 16, 3)
+    model = NeRFField(teachers.field_config, backend="jax")
+    render = make_view_renderer(model, teachers.fit_config)
+    for row in rows:
+        params = vector_to_params(teachers.matrix[row], teachers.param_map)
+        rgb, _, _ = render(params, jnp.asarray(teachers.scenes.bitfields[row]), teachers.scenes.test_cameras[row, 0],
+                           teachers.scenes.test_intrinsics[row, 0], 16, 16, np.ones(3, np.float32))
+        np.testing.assert_allclose(renders[row, 0], rgb, atol=2e-4)
+    # Scored as fields.encode_dataset scored them (its grids were the trained ones: close, not equal).
+    psnr = conditional.field_psnr(teachers.references(rows), renders)
+    dataset_psnr = np.asarray(read_dataset(teachers.path).columns["psnr"])[rows]
+    np.testing.assert_allclose(psnr, dataset_psnr, atol=1.5)
+
+
+@pytest.mark.parametrize("variant", conditional.VARIANTS)
+def test_generated_nerf_weights_have_the_teachers_param_map(nerf_teachers, variant, key):
+    config = dataclasses.replace(conditional.PRESETS["nerf-tiny"], variant=variant)
+    task, _, _, _, _, arrays = conditional.prepare_training(config, nerf_teachers)
+    assert {"bitfield", "cameras", "intrinsics"} <= set(arrays)
+    batch = {name: jnp.asarray(array[:2]) for name, array in arrays.items()}
+    params = jax.jit(task.init)(key, batch)
+    _, raw = jax.jit(task.generate)(params, conditional.condition_inputs(batch))
+    assert raw.shape == (2, param_count(nerf_teachers.param_map)) and raw.dtype == jnp.float32
+    loss, metrics = jax.jit(task.loss)(params, batch, key)
+    assert np.isfinite(float(loss)) and float(metrics["render_loss"]) > 0
+    if variant == "dynamic":  # the colour MLP is generated from the density MLP's activations
+        changed = jax.tree_util.tree_map(lambda x: x, params)
+        changed["layer_0_out"]["bias"] = params["layer_0_out"]["bias"] + jnp.float32(0.5)
+        _, after = jax.jit(task.generate)(changed, conditional.condition_inputs(batch))
+        entries = {entry.name: entry for entry in nerf_teachers.param_map}
+
+        def block(vectors, name):
+            entry = entries[name]
+            return np.asarray(vectors[:, entry.offset:entry.offset + entry.size])
+
+        np.testing.assert_array_equal(block(raw, "hash_table"), block(after, "hash_table"))
+        assert not np.allclose(block(raw, "density_mlp/dense_1/kernel"), block(after, "density_mlp/dense_1/kernel"))
+        assert not np.allclose(block(raw, "color_mlp/dense_0/kernel"), block(after, "color_mlp/dense_0/kernel"))
+
+
+def test_nerf_run_distills_and_writes_the_zero_shot_report(nerf_run, nerf_teachers):
+    from fields.data.procgen_3d import SHAPES
+
+    rows = [row for row in read_history(nerf_run) if "render_loss" in row]
+    assert rows[-1]["step"] == conditional.PRESETS["nerf-tiny"].loop.steps
+    assert np.isfinite(rows[-1]["render_loss"]) and rows[-1]["render_loss"] < rows[0]["render_loss"]
+    with open(os.path.join(nerf_run, "zero_shot.json")) as handle:
+        report = json.load(handle)
+    assert report["field_kind"] == "ngp_nerf" and report["reference"] == "true test views"
+    assert report["num_evaluated"] >= 1 and report["num_held_out"] + report["num_training"] == NERF_SCENES
+    modulus = conditional.PRESETS["nerf-tiny"].holdout_modulus
+    trained = {(shape, colour) for shape, colour in zip(nerf_teachers.shapes, nerf_teachers.colours, strict=True)
+               if not conditional.pair_is_held_out(shape, colour, modulus, tuple(SHAPES))}
+    for item in report["items"]:
+        assert (item["shape"], item["colour"]) not in trained
+        assert 0 <= item["finetune_steps_from_generated"] <= item["max_steps"] == NERF_STEPS
+        assert 0 < item["finetune_steps_from_fresh"] <= NERF_STEPS
+        assert np.isfinite(item["generated_psnr"]) and item["teacher_psnr"] > 10.0
+    assert np.isfinite(report["baseline_nearest_training_psnr"]) and np.isfinite(report["baseline_mean_image_psnr"])
+    assert os.path.exists(os.path.join(nerf_run, "zero_shot.png"))
+
+
+def test_nerf_finetune_counter_is_zero_from_the_teachers_own_weights(nerf_teachers):
+    teachers = nerf_teachers
+    rows = np.arange(2)
+    target = conditional.field_psnr(teachers.references(rows),
+                                    conditional.render_rows(teachers.matrix[rows], teachers, rows, "jax"))
+    result = conditional.finetune_nerf_steps(teachers.matrix[rows], rows, teachers, target, np.array([10, 10]),
+                                             teachers.seeds[rows], check_every=5)
+    np.testing.assert_array_equal(result.steps, [0, 0])
+    fresh = conditional.initial_weights(teachers.fit_config, teachers.param_map, teachers.init_seeds[rows])
+    from_fresh = conditional.finetune_nerf_steps(fresh, rows, teachers, target, np.array([10, 10]),
+                                                 teachers.seeds[rows], check_every=5)
+    assert np.all(from_fresh.steps > 0) and np.all(from_fresh.steps <= 10)

@@ -1,7 +1,10 @@
-"""Conditional hypernetworks (HyperFields-style): a condition -> the weights of an Instant-NGP image field.
+"""Conditional hypernetworks (HyperFields-style): a condition -> the weights of an Instant-NGP field.
 
 One forward pass maps a batch of conditions to the flat, *normalised* weight vectors ``[batch, P]``
-of NGP image fields laid out by the dataset's param map (``denormalize`` turns them into raw weights).
+of NGP image fields or NGP NeRF fields laid out by the dataset's param map (``denormalize`` turns
+them into raw weights). Image fields have one MLP chain (``mlp/dense_k``); NeRF fields two
+(``density_mlp/dense_k`` reading the hash features, then ``color_mlp/dense_k`` reading the density
+MLP's output concatenated with the spherical-harmonics encoding of the view direction).
 
 Conditions (``ConditionSpec.kind``), each embedded to ``[batch, width]``:
 
@@ -10,8 +13,9 @@ Conditions (``ConditionSpec.kind``), each embedded to ``[batch, width]``:
 - ``"caption"``: a bag-of-words text encoder: word ids ``[batch, length]`` (0 = padding, 1 = unknown
   word) -> the mean of learned word embeddings over the non-padding words. Word order is ignored and
   the vocabulary is the training captions' words (nothing is downloaded);
-- optionally (``use_layout``) the primitive's layout features ``[batch, LAYOUT_FEATURES]`` (centre,
-  radius, rotation harmonics) through a linear map, added to the embedding.
+- optionally (``use_layout``) layout features ``[batch, features]`` (a 2D primitive's centre, radius and
+  rotation harmonics; a 3D object's position, size and rotation) through a linear map, added to the
+  embedding.
 
 A residual MLP trunk turns the embedding into a context vector. Then:
 
@@ -23,11 +27,13 @@ A residual MLP trunk turns the embedding into a context vector. Then:
   ``"static"``: one dense layer from the context to every MLP kernel at once.
 
   ``"dynamic"`` (after HyperFields' dynamic hypernetwork): the field's MLP layers are generated one
-  after the other. The generated hash table is evaluated at a fixed grid of ``probe_grid**2`` probe
-  positions (pixel centres of a ``probe_grid x probe_grid`` grid over ``[0, 1]^2``); layer ``k``'s
-  kernel is predicted from the context *and* the statistics (mean and standard deviation over the
-  probes, per feature) of the activations entering layer ``k``, i.e. of the hash features for
-  ``k = 0`` and otherwise of the output of the previously generated layer (after its ReLU). The
+  after the other. The generated hash table is evaluated at a fixed grid of ``probe_grid**d`` probe
+  positions (cell centres of a ``probe_grid^d`` grid over ``[0, 1]^d``, ``d`` = 2 for images, 3 for
+  NeRFs); layer ``k``'s kernel is predicted from the context *and* the statistics (mean and standard
+  deviation over the probes, per feature) of the activations entering layer ``k``, i.e. of the hash
+  features for the first layer and otherwise of the output of the previously generated layer (after
+  its ReLU). For NeRFs the colour chain's first layer reads the density MLP's (linear) output
+  concatenated with the spherical harmonics of fixed probe directions (a Fibonacci sphere). The
   probes are fixed, so the generated weights remain a deterministic function of the condition: one
   field per condition, as in the static variant. (HyperFields feeds activation statistics of the
   points being rendered; fixed probes keep "one condition -> one field" exact.)
@@ -46,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fields.models import hash_grid
+from fields.models.nerf import NeRFFieldConfig, spherical_harmonics
 from fields.models.ngp import NGPFieldConfig
 
 CONDITION_KINDS = ("label", "attributes", "caption")
@@ -60,6 +67,10 @@ LAYOUT_FEATURES = 3 + 2 * LAYOUT_HARMONICS
 CONDITION_KEYS = ("labels", "shape_ids", "colour_ids", "words", "layout")
 HASH_TABLE_NAME = "hash_table"
 _KERNEL_NAME = re.compile(r"^mlp/dense_(\d+)/kernel$")
+_CHAIN_KERNEL_NAME = re.compile(r"^(\w+)/dense_(\d+)/kernel$")
+# The MLP chains of each supported field, in evaluation order.
+IMAGE_CHAINS = ("mlp",)
+NERF_CHAINS = ("density_mlp", "color_mlp")
 STATISTICS_EPSILON = 1e-6
 
 
@@ -159,11 +170,53 @@ def mlp_kernel_specs(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     return [spec for _, spec in layers]
 
 
-def probe_positions(probe_grid: int) -> np.ndarray:
-    """``[probe_grid**2, 2]`` float32 pixel centres (x, y) of a ``probe_grid x probe_grid`` grid over ``[0, 1]^2``."""
+def kernel_chains(specs: Sequence[TensorSpec]) -> list[list[TensorSpec]]:
+    """The field's MLP kernels as chains in evaluation order: ``[[mlp/dense_0, ...]]`` for an image field,
+    ``[[density_mlp/dense_0, ...], [color_mlp/dense_0, ...]]`` for a NeRF field.
+
+    Raises:
+        ValueError: not an Instant-NGP image or NeRF field layout (one ``hash_table`` tensor in section
+            ``hash``, every other tensor ``PREFIX/dense_k/kernel`` with consecutive ``k``).
+    """
+    hash_specs = [spec for spec in specs if spec.section == "hash"]
+    if len(hash_specs) != 1 or hash_specs[0].name != HASH_TABLE_NAME or len(hash_specs[0].shape) != 2:
+        raise ValueError("expected exactly one 'hash_table' tensor [entries, features] in section 'hash'")
+    groups: dict[str, list[tuple[int, TensorSpec]]] = {}
+    for spec in specs:
+        if spec.section == "hash":
+            continue
+        match = _CHAIN_KERNEL_NAME.match(spec.name)
+        if match is None or len(spec.shape) != 2:
+            raise ValueError(f"unexpected tensor {spec.name!r} {spec.shape}: expected PREFIX/dense_k/kernel matrices")
+        groups.setdefault(match.group(1), []).append((int(match.group(2)), spec))
+    order = next((chains for chains in (IMAGE_CHAINS, NERF_CHAINS) if set(groups) == set(chains)), None)
+    if order is None:
+        raise ValueError(f"MLP kernels of {sorted(groups)}: expected {list(IMAGE_CHAINS)} (image) or "
+                         f"{list(NERF_CHAINS)} (NeRF)")
+    chains = []
+    for prefix in order:
+        layers = sorted(groups[prefix], key=lambda item: item[0])
+        if [index for index, _ in layers] != list(range(len(layers))):
+            raise ValueError(f"the MLP kernels must be {prefix}/dense_0/kernel ... {prefix}/dense_K/kernel")
+        chains.append([spec for _, spec in layers])
+    return chains
+
+
+def probe_positions(probe_grid: int, num_dims: int = 2) -> np.ndarray:
+    """``[probe_grid**num_dims, num_dims]`` float32 cell centres (x, y[, z]) of a ``probe_grid^num_dims`` grid
+    over ``[0, 1]^num_dims`` (x varies fastest)."""
     centres = (np.arange(probe_grid, dtype=np.float32) + np.float32(0.5)) / np.float32(probe_grid)
-    y, x = np.meshgrid(centres, centres, indexing="ij")
-    return np.stack([x.reshape(-1), y.reshape(-1)], axis=-1).astype(np.float32)
+    grids = np.meshgrid(*([centres] * num_dims), indexing="ij")  # axis 0 is the slowest
+    return np.stack([grid.reshape(-1) for grid in reversed(grids)], axis=-1).astype(np.float32)
+
+
+def probe_directions(count: int) -> np.ndarray:
+    """``[count, 3]`` float32 unit vectors spread over the sphere (a Fibonacci spiral)."""
+    index = np.arange(count, dtype=np.float64) + 0.5
+    z = 1.0 - 2.0 * index / count
+    radius = np.sqrt(np.maximum(1.0 - z * z, 0.0))
+    angle = np.pi * (3.0 - np.sqrt(5.0)) * index
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle), z], axis=-1).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- modules
@@ -240,11 +293,12 @@ class ChunkedHead(nn.Module):
 
 
 class ConditionalHypernet(nn.Module):
-    """Conditions -> normalised weights ``[batch, P]`` of NGP image fields (see the module docstring).
+    """Conditions -> normalised weights ``[batch, P]`` of NGP image or NeRF fields (see the module docstring).
 
     Attributes:
         specs: the field's tensors in param-map order (with their normalisation).
-        field_config: the generated fields' architecture (its hash grid is evaluated by the dynamic variant).
+        field_config: the generated fields' architecture (``NGPFieldConfig`` or ``NeRFFieldConfig``; its hash
+            grid is evaluated by the dynamic variant).
         condition: what the encoder reads.
         variant: ``"static"`` or ``"dynamic"``.
         width: embedding, trunk and head width.
@@ -255,7 +309,7 @@ class ConditionalHypernet(nn.Module):
     """
 
     specs: tuple[TensorSpec, ...]
-    field_config: NGPFieldConfig
+    field_config: NGPFieldConfig | NeRFFieldConfig
     condition: ConditionSpec
     variant: str = "dynamic"
     width: int = 128
@@ -269,7 +323,7 @@ class ConditionalHypernet(nn.Module):
     def __call__(self, conditions: dict[str, jax.Array]) -> jax.Array:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        kernels = mlp_kernel_specs(self.specs)
+        chains = kernel_chains(self.specs)
         table_spec = next(spec for spec in self.specs if spec.section == "hash")
         context = ConditionEncoder(self.condition, self.width, name="encoder")(conditions)
         context = nn.Dense(self.width, name="trunk_in")(nn.gelu(context))
@@ -282,6 +336,7 @@ class ConditionalHypernet(nn.Module):
         pieces = {table_spec.name: ChunkedHead(table_spec.size, self.chunk_size, self.chunk_embedding, self.width,
                                                name="hash_head")(context)}
         if self.variant == "static":
+            kernels = [spec for chain in chains for spec in chain]
             total = sum(spec.size for spec in kernels)
             flat = nn.Dense(total, name="mlp_head")(context)
             offset = 0
@@ -289,32 +344,40 @@ class ConditionalHypernet(nn.Module):
                 pieces[spec.name] = flat[:, offset:offset + spec.size]
                 offset += spec.size
         else:
-            pieces.update(self._dynamic_kernels(context, pieces[table_spec.name], table_spec, kernels))
+            pieces.update(self._dynamic_kernels(context, pieces[table_spec.name], table_spec, chains))
         return jnp.concatenate([pieces[spec.name] for spec in self.specs], axis=-1)
 
     def _dynamic_kernels(self, context: jax.Array, table_normalized: jax.Array, table_spec: TensorSpec,
-                         kernels: list[TensorSpec]) -> dict[str, jax.Array]:
+                         chains: list[list[TensorSpec]]) -> dict[str, jax.Array]:
         """The MLP kernels, layer by layer, each from the context and the probe activation statistics."""
         batch = context.shape[0]
         table = (table_normalized * jnp.float32(table_spec.std) + jnp.float32(table_spec.mean)).reshape(
             (batch,) + table_spec.shape)
-        probes = jnp.asarray(probe_positions(self.probe_grid))
         grid = self.field_config.grid
+        probes = jnp.asarray(probe_positions(self.probe_grid, grid.num_dims))
         activations = jax.vmap(lambda rows: hash_grid.encode(rows, probes, grid, self.backend))(table)  # [B, M, F]
         generated = {}
-        for layer, spec in enumerate(kernels):
-            fan_in, fan_out = spec.shape
-            mean = jnp.mean(activations, axis=1)
-            deviation = jnp.sqrt(jnp.var(activations, axis=1) + jnp.float32(STATISTICS_EPSILON))
-            statistics = jnp.concatenate([mean, deviation], axis=-1)  # [B, 2 * fan_in]
-            hidden = (nn.Dense(self.width, name=f"layer_{layer}_context")(context)
-                      + nn.Dense(self.width, name=f"layer_{layer}_statistics")(statistics))
-            normalized = nn.Dense(spec.size, name=f"layer_{layer}_out")(nn.gelu(hidden))  # [B, fan_in * fan_out]
-            generated[spec.name] = normalized
-            kernel = (normalized * jnp.float32(spec.std) + jnp.float32(spec.mean)).reshape(batch, fan_in, fan_out)
-            activations = jnp.einsum("bmi,bio->bmo", activations, kernel)
-            if layer < len(kernels) - 1:
-                activations = jax.nn.relu(activations)
+        layer = 0
+        for position, chain in enumerate(chains):
+            if position > 0:  # a NeRF's colour chain: density MLP output + SH of the view direction
+                directions = jnp.asarray(probe_directions(probes.shape[0]))
+                view = spherical_harmonics(directions, self.field_config.sh_degree)  # [M, degree**2]
+                activations = jnp.concatenate([activations, jnp.broadcast_to(view[None], (batch,) + view.shape)],
+                                              axis=-1)
+            for depth, spec in enumerate(chain):
+                fan_in, fan_out = spec.shape
+                mean = jnp.mean(activations, axis=1)
+                deviation = jnp.sqrt(jnp.var(activations, axis=1) + jnp.float32(STATISTICS_EPSILON))
+                statistics = jnp.concatenate([mean, deviation], axis=-1)  # [B, 2 * fan_in]
+                hidden = (nn.Dense(self.width, name=f"layer_{layer}_context")(context)
+                          + nn.Dense(self.width, name=f"layer_{layer}_statistics")(statistics))
+                normalized = nn.Dense(spec.size, name=f"layer_{layer}_out")(nn.gelu(hidden))  # [B, in * out]
+                generated[spec.name] = normalized
+                kernel = (normalized * jnp.float32(spec.std) + jnp.float32(spec.mean)).reshape(batch, fan_in, fan_out)
+                activations = jnp.einsum("bmi,bio->bmo", activations, kernel)
+                if depth < len(chain) - 1:
+                    activations = jax.nn.relu(activations)
+                layer += 1
         return generated
 
 
