@@ -83,6 +83,11 @@ class AutoencoderConfig:
         num_latent_tokens: learned latent tokens per section (transformer).
         loss_weighting: ``"weight"`` (every weight counts the same) or ``"section"`` (every section's
             MSE counts the same, so the small MLP section is not drowned by the hash grid).
+        render_weight: image fields only: adds ``render_weight`` times the pixel MSE between the
+            decoded field's render and the original field's render (a functional loss; 0: off).
+            Fitted fields have many weight directions that do not change their image (more weights
+            than pixels, and a random pixel order while fitting), so the weight MSE alone spends the
+            latent on noise; the render term tells the decoder which weights matter.
         normalization: per-``"section"`` or per-``"tensor"`` normalisation of the weights.
         val_fraction: fields held out (by a hash of their source id) for the evaluation.
         eval_fields: held-out fields evaluated (weight MSE and render PSNR).
@@ -102,6 +107,7 @@ class AutoencoderConfig:
     mlp_ratio: float = 4.0
     num_latent_tokens: int = 4
     loss_weighting: str = "weight"
+    render_weight: float = 0.0
     normalization: str = "section"
     val_fraction: float = 0.1
     eval_fields: int = 64
@@ -125,6 +131,8 @@ class AutoencoderConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
+        if not self.render_weight >= 0:
+            raise ValueError(f"render_weight must be >= 0, got {self.render_weight}")
         if self.normalization not in NORMALIZATION_MODES:
             raise ValueError(f"normalization must be one of {', '.join(NORMALIZATION_MODES)}, "
                              f"got {self.normalization!r}")
@@ -159,6 +167,15 @@ PRESETS: dict[str, AutoencoderConfig] = {
                         checkpoint_every=1000, eval_every=1000),
         latent_dims=(128, 64), conv_widths=(64, 128, 128), conv_kernel=5, chunk_size=32, width=192, depth=4,
         num_heads=6, num_latent_tokens=8),
+    # Fashion-MNIST NGP "small" fields (1,536 weights: hash 1,136 + MLP 400) on a shared 2-core CPU, at 4x
+    # compression (latents 288 + 96), with the render loss; conv reads 8 weights per position (short sequences:
+    # XLA's CPU convolutions are slow). Measured by scripts/bench_autoencoder.py (see BENCHMARKS.md).
+    #   python -m hypernets.autoencoder --data runs/bench_autoencoder/fields_train --workdir W --preset fmnist-cpu
+    "fmnist-cpu": AutoencoderConfig(
+        loop=LoopConfig(steps=800, batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.99,
+                        checkpoint_every=200, eval_every=400),
+        latent_dims=(288, 96), conv_channels=8, conv_widths=(64, 128), conv_kernel=5, chunk_size=32, width=64,
+        depth=2, num_heads=4, num_latent_tokens=4, render_weight=1e4, eval_fields=128),
     # Larger datasets of image fields (e.g. Fashion-MNIST fields). Expected: not yet measured.
     #   python -m hypernets.autoencoder --data data/fields/fmnist --workdir runs/ae --preset default
     "default": AutoencoderConfig(
@@ -194,10 +211,14 @@ class AutoencoderTask:
 
     The loss is the reconstruction MSE in float32: over all weights (``loss_weighting="weight"``) or
     the mean of the per-section MSEs (``"section"``); the metrics hold each section's MSE (``mse_<name>``).
+    With a ``renderer`` and ``render_weight > 0`` it adds ``render_weight`` times the pixel MSE of the
+    reconstruction's render against the input's render (metric ``render_mse``).
     """
 
     network: WeightAutoencoder
     loss_weighting: str = "weight"
+    renderer: Callable | None = None
+    render_weight: float = 0.0
 
     def init(self, key: jax.Array, batch: dict[str, jax.Array]) -> Any:
         return self.network.init(key, jnp.asarray(batch["vectors"], jnp.float32))
@@ -205,14 +226,46 @@ class AutoencoderTask:
     def loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array):
         del key  # deterministic
         vectors = jnp.asarray(batch["vectors"], jnp.float32)
-        errors = self.network.section_errors(self.network.reconstruct(params, vectors), vectors)
+        reconstruction = self.network.reconstruct(params, vectors)
+        errors = self.network.section_errors(reconstruction, vectors)
         layout = self.network.layout
         if self.loss_weighting == "section":
             loss = sum(errors.values()) / jnp.float32(len(errors))
         else:
             loss = sum(errors[name] * jnp.float32(size / layout.num_params)
                        for name, size in zip(layout.names, layout.sizes, strict=True))
-        return jnp.asarray(loss, jnp.float32), {f"mse_{name}": value for name, value in errors.items()}
+        metrics = {f"mse_{name}": value for name, value in errors.items()}
+        if self.renderer is not None and self.render_weight > 0:
+            target = jax.lax.stop_gradient(self.renderer(vectors))
+            render_mse = jnp.mean(jnp.square(self.renderer(reconstruction) - target))
+            loss = loss + jnp.float32(self.render_weight) * render_mse
+            metrics["render_mse"] = render_mse
+        return jnp.asarray(loss, jnp.float32), metrics
+
+
+def make_image_renderer(data) -> Callable:
+    """Differentiable renders of image fields: normalised vectors ``[B, P]`` laid out like ``data`` (a
+    ``WeightData`` or ``DataInfo``) -> ``[B, height * width, channels]`` float32, clipped to [0, 1] as
+    ``render_psnr``'s renders are (pure JAX, jittable; the hash grid's pure-JAX backend)."""
+    from fields.image_fitting import _pixel_positions, field_config_from_dict
+    from fields.weights import unflatten_params
+
+    config = field_config_from_dict(data.field_kind, data.field_config, "autoencoder: field_config")
+    model = config.build("jax")
+    height, width = int(data.metadata["image_height"]), int(data.metadata["image_width"])
+    positions = _pixel_positions(jnp.arange(height * width, dtype=jnp.int32), height, width)
+    mean, std = (jnp.asarray(values, jnp.float32) for values in data.normalization.column_stats(data.mode))
+    param_map = list(data.param_map)
+
+    def render(vectors: jax.Array) -> jax.Array:
+        raw = jnp.asarray(vectors, jnp.float32) * std + mean
+        lead = raw.shape[:-1]
+        params = unflatten_params({entry.name: raw[..., entry.offset: entry.offset + entry.size].reshape(
+            lead + tuple(entry.shape)) for entry in param_map})
+        outputs = jax.vmap(lambda field: model.apply({"params": field}, positions))(params)
+        return jnp.clip(outputs, 0.0, 1.0)
+
+    return render
 
 
 def apply_in_batches(function: Callable, params: Any, rows: np.ndarray, output_width: int,
@@ -557,7 +610,7 @@ def run_record(data_path: str, config: AutoencoderConfig) -> dict:
 def resolve_config(args, saved: dict | None) -> AutoencoderConfig:
     """The preset (or, without ``--preset``, the config saved in the workdir) with the command-line overrides."""
     overrides = {"model": args.model, "latent_dims": args.latent_dims, "normalization": args.normalization,
-                 "loss_weighting": args.loss_weighting}
+                 "loss_weighting": args.loss_weighting, "render_weight": args.render_weight}
     return resolve_run_config(AutoencoderConfig, PRESETS, args, saved, SECTION, overrides)
 
 
@@ -580,6 +633,8 @@ def build_parser() -> ArgumentParser:
                         help="latent size per section in the dataset's order (e.g. 64,32 for hash,mlp), or one size")
     parser.add_argument("--normalization", choices=NORMALIZATION_MODES)
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS)
+    parser.add_argument("--render-weight", type=float,
+                        help="image fields: weight of the render MSE (decoded vs original field's render) in the loss")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_loop_arguments(parser)
     return parser
@@ -625,7 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train_data)} training fields, {len(val_data)} held out; {config.model} autoencoder: "
           f"{describe_sections(network)}")
 
-    task = AutoencoderTask(network, config.loss_weighting)
+    renderer = None
+    if config.render_weight > 0:
+        if not renders_images(train_data):
+            raise UserError(f"--render-weight: {args.data} holds {train_data.field_kind} fields; the render loss "
+                            "needs image fields of known size")
+        renderer = make_image_renderer(train_data)
+    task = AutoencoderTask(network, config.loss_weighting, renderer, config.render_weight)
     stream = BatchStream({"vectors": train_data.vectors}, config.loop.batch_size, seed=config.loop.seed)
     evaluate = make_evaluate(network, val_data, config)
     result = train(task, stream, config.loop, args.workdir, evaluate=evaluate, progress=not args.quiet,

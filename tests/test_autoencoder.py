@@ -173,6 +173,38 @@ def test_render_psnr_is_very_high_for_a_perfect_reconstruction_and_matches_a_han
     assert np.all(measured < 100.0)
 
 
+def test_image_renderer_matches_the_render_metric_and_the_render_loss_adds_to_the_weight_loss(splits):
+    train, _ = splits
+    renderer = autoencoder.make_image_renderer(train)
+    vectors = jnp.asarray(train.vectors[:3])
+    rendered = np.asarray(jax.jit(renderer)(vectors))
+    height, width = int(train.metadata["image_height"]), int(train.metadata["image_width"])
+    expected = autoencoder.render(train.denormalize(train.vectors[:3]), train).values
+    assert rendered.shape == (3, height * width, expected.shape[-1]) and rendered.dtype == np.float32
+    np.testing.assert_allclose(rendered.reshape(expected.shape), expected, atol=1e-5)
+
+    network = tiny_network(train.param_map, "conv")
+    batch = {"vectors": vectors}
+    params = jax.jit(network.init)(jax.random.PRNGKey(0), vectors)
+    plain = autoencoder.AutoencoderTask(network, "weight")
+    with_render = autoencoder.AutoencoderTask(network, "weight", renderer, 100.0)
+
+    @jax.jit
+    def losses(params):
+        return plain.loss(params, batch, jax.random.PRNGKey(0)), with_render.loss(params, batch, jax.random.PRNGKey(0))
+
+    (plain_loss, plain_metrics), (render_loss, metrics) = losses(params)
+    assert "render_mse" not in plain_metrics and set(metrics) == {"mse_hash", "mse_mlp", "render_mse"}
+    reconstruction = np.asarray(renderer(network.reconstruct(params, vectors)))
+    by_hand = np.mean(np.square(reconstruction - rendered))
+    assert float(metrics["render_mse"]) == pytest.approx(by_hand, rel=1e-4)
+    assert float(render_loss) == pytest.approx(float(plain_loss) + 100.0 * by_hand, rel=1e-4)
+    grads = jax.jit(jax.grad(lambda params: with_render.loss(params, batch, jax.random.PRNGKey(0))[0]))(params)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(grads))
+    with pytest.raises(ValueError, match="render_weight"):
+        dataclasses.replace(autoencoder.PRESETS["tiny"], render_weight=-1.0)
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 
 
@@ -188,7 +220,8 @@ def read_history(workdir):
 def test_cli_writes_latents_grid_and_api_then_resumes_and_refuses(field_data, splits, tmp_path, capsys):
     train, val = splits
     workdir = str(tmp_path / "conv")
-    argv = ["--data", field_data, "--workdir", workdir, "--preset", "tiny", "--quiet", "--latent-dims", "12,4"]
+    argv = ["--data", field_data, "--workdir", workdir, "--preset", "tiny", "--quiet", "--latent-dims", "12,4",
+            "--render-weight", "10"]
     status, out, err = run_autoencoder(argv, capsys)
     assert status == 0, err
     num_params = train.vectors.shape[1]
@@ -214,7 +247,7 @@ def test_cli_writes_latents_grid_and_api_then_resumes_and_refuses(field_data, sp
     assert evaluation["val_render_psnr_min"] <= evaluation["val_render_psnr"]
     history = read_history(workdir)
     assert max(row["step"] for row in history) == autoencoder.PRESETS["tiny"].loop.steps
-    assert "val_mse_hash" in history[-1] and "mse_mlp" in history[-1]
+    assert "val_mse_hash" in history[-1] and "mse_mlp" in history[-1] and "render_mse" in history[-1]
 
     pairs = min(autoencoder.PRESETS["tiny"].grid_pairs, NUM_FIELDS)
     expected = image_grid(np.zeros((2 * pairs, 8, 8, 3)), columns=8, group=2).shape
@@ -263,6 +296,9 @@ def test_cli_bad_input_is_one_line(field_data, tmp_path, capsys, monkeypatch):
     status, _, err = run_autoencoder(["--data", field_data, "--workdir", str(tmp_path / "w4"), "--latent-dims",
                                       "a,b"], capsys)
     assert_one_line_error(status, err, "comma-separated")
+    status, _, err = run_autoencoder(["--data", field_data, "--workdir", str(tmp_path / "w5"), "--preset", "tiny",
+                                      "--render-weight", "-1"], capsys)
+    assert_one_line_error(status, err, "render_weight")
     with pytest.raises(autoencoder.UserError, match="no autoencoder run"):
         autoencoder.load_autoencoder(str(tmp_path / "nothing"))
 
