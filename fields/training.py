@@ -179,9 +179,10 @@ class FieldSharding:
         return jax.tree_util.tree_map(pad_leaf, tree)
 
     def place(self, tree):
-        """Every leaf split over the mesh along its leading (field) axis; unchanged without a mesh."""
+        """Every leaf split over the mesh along its leading (field) axis; without a mesh, on the default
+        device (host arrays are copied once here, not at every chunk)."""
         if self.mesh is None:
-            return tree
+            return jax.device_put(tree)
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec(FIELD_AXIS)))
 
     def compile(self, vmapped: Callable, abstract_args: tuple, num_batched: int, donate_argnums: tuple = ()):
