@@ -22,7 +22,9 @@ from hypernets.loop import add_loop_arguments
 from tests.helpers import procedural_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROCESS_TIMEOUT = 120  # seconds a two-process run may take before it counts as hung
+# Seconds a two-process run may take before it counts as hung (a deadlocked collective): far above the
+# 15-40 s these runs take on 2 busy cores.
+PROCESS_TIMEOUT = 240
 
 
 # ------------------------------------------------------------------------------- local devices
@@ -176,7 +178,7 @@ def test_two_processes_train_a_hypernet_and_agree(two_process_fields, tmp_path):
         assert status == 0, output
     # The data-parallel mesh spans both processes' devices; process 0 alone reports and logs.
     assert "on 2 cpu device(s)" in results[0][1], results[0][1]
-    assert "training" not in results[1][1].replace("training fields", ""), results[1][1]
+    assert "parameters on" not in results[1][1], results[1][1]
     samples = [np.load(f"{workdir}-process{index}-of2.npy") for index in range(2)]
     assert samples[0].shape[0] == 2 and np.all(np.isfinite(samples[0]))
     np.testing.assert_array_equal(samples[0], samples[1])
