@@ -126,6 +126,17 @@ def test_folder_and_parquet_sources(tmp_path):
     assert (table_source.num_items, table_source.height, table_source.width) == (3, 5, 4)
     assert table_source.labels.tolist() == [3, 4, 5]
     np.testing.assert_allclose(table_source.load([2])[0], 80 / 255.0, atol=1e-7)
+    # A cell that points at a file (Hugging Face's {"bytes": None, "path": ...}) is read from it; a
+    # missing file is a one-line error naming the row and the path.
+    image_path = tmp_path / "images" / "cats" / "0.png"
+    cells = [{"bytes": None, "path": str(image_path)}, {"bytes": None, "path": str(tmp_path / "gone.png")}]
+    pq.write_table(pa.table({"image": cells}), tmp_path / "paths.parquet")
+    path_source = open_image_source(f"parquet:{tmp_path / 'paths.parquet'}")
+    assert path_source.load([0])[0].shape == (8, 8, 3)
+    from fields.cli import UserError
+
+    with pytest.raises(UserError, match="row 1: cannot read the image file .*gone.png"):
+        path_source.load([1])
 
 
 def test_encode_dataset_writes_shards_and_resumes(tmp_path, capsys):

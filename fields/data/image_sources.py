@@ -114,7 +114,13 @@ def idx_source(spec: str, size: tuple[int, int] | None, limit: int | None) -> Im
 
 def _decode_cell(value, where: str) -> np.ndarray:
     if isinstance(value, dict):
-        value = value.get("bytes") or (pathlib.Path(value["path"]).read_bytes() if value.get("path") else None)
+        if not value.get("bytes") and value.get("path"):
+            try:
+                value = {"bytes": pathlib.Path(value["path"]).read_bytes()}
+            except OSError as error:
+                raise UserError(f"{where}: cannot read the image file {value['path']} ({error.strerror or error})") \
+                    from None
+        value = value.get("bytes")
     if isinstance(value, bytes | bytearray):
         try:
             with Image.open(io.BytesIO(value)) as image:
