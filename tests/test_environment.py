@@ -54,7 +54,8 @@ def test_flake_declares_the_dev_shell():
 def test_pyproject_extras_name_the_expected_packages():
     project = read_pyproject()["project"]
     extras = project["optional-dependencies"]
-    assert {"dev", "gpu", "text"} <= set(extras)
+    assert {"dev", "gpu", "text", "shapes"} <= set(extras)
+    assert [requirement_name(r) for r in extras["shapes"]] == ["pybullet"]
     assert {"pytest", "ruff"} <= {requirement_name(r) for r in extras["dev"]}
     gpu = extras["gpu"]
     assert {requirement_name(r) for r in gpu} >= {"cupy-cuda12x"}
