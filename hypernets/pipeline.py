@@ -36,6 +36,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -178,7 +179,7 @@ PRESETS: dict[str, PipelineConfig] = {
         autoregressive=ModelConfig(preset="tiny", num_samples=8, num_devices=1),
         evaluate=EvaluationConfig(classifier_preset="tiny", classifier_steps=40, grid_size=8, baseline_count=8)),
     # `make demo`: 1,024 + 256 fields of 28x28 primitives (ngp_image "small", ~1.6k weights each), a
-    # class-conditional DiT ("cpu", 800 steps) and a small token transformer ("cpu", 600 steps),
+    # class-conditional DiT ("cpu", 800 steps) and a small token transformer ("cpu", 200 steps),
     # 64 samples each, evaluated with the "small" classifier. About 10 minutes on 2 CPU cores
     # (README: Quick start); a few minutes of training is far from converged, so expect 1-NNA
     # well above the ideal 50%.
@@ -186,7 +187,7 @@ PRESETS: dict[str, PipelineConfig] = {
     "demo": PipelineConfig(
         data=DataConfig(train_num=1024, test_num=256),
         diffusion=ModelConfig(preset="cpu", steps=800),
-        autoregressive=ModelConfig(preset="cpu", steps=600),
+        autoregressive=ModelConfig(preset="cpu", steps=200),
         evaluate=EvaluationConfig(classifier_preset="small")),
     # Fashion-MNIST-sized budgets on the procedural primitives (60,000 + 10,000 fields; hours on a
     # CPU, meant for a GPU): the models' "default" presets, 1,024 samples each, the default classifier.
@@ -405,14 +406,21 @@ def workdir_lock(workdir: str) -> Iterator[int]:
         os.close(descriptor)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the stage gets SIGKILL when the pipeline dies, so a killed pipeline leaves no stage running."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+# Runs a stage as ``python -m MODULE ARGS`` would, after asking Linux to SIGKILL it when the pipeline
+# dies (PR_SET_PDEATHSIG), so a killed pipeline leaves no stage running. Done in the child's own
+# interpreter rather than in a preexec_fn: Python code between fork and exec is unsafe in a
+# multithreaded parent (JAX's threads, in tests).
+STAGE_RUNNER = """
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the pipeline exited before this stage started")
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 
 
 def run_subprocess_stage(stage: Stage, log_path: str, lock_descriptor: int) -> int:
@@ -422,12 +430,14 @@ def run_subprocess_stage(stage: Stage, log_path: str, lock_descriptor: int) -> i
     with open(log_path, "a") as log:
         log.write(f"\n# {_now()} $ {shlex.join(stage.command())}\n")
         log.flush()
-        process = subprocess.Popen(stage.command(sys.executable), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=environment, pass_fds=(lock_descriptor,),
-                                   preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        command = [sys.executable, "-c", STAGE_RUNNER, str(os.getpid()), stage.module, *stage.arguments]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=environment, pass_fds=(lock_descriptor,))
         try:
             return process.wait()
-        except KeyboardInterrupt:  # Ctrl-C reaches the stage too; let it stop, then report
+        except KeyboardInterrupt:  # let the stage stop (Ctrl-C reaches it too; `kill -INT` does not), then report
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -485,6 +495,7 @@ def run_pipeline(config: PipelineConfig, workdir: str, only: str | None = None,
             state["stages"][stage.name] = entry
             write_state(workdir, state)
             start = time.perf_counter()
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 if stage.name == "report":
                     write_report(workdir, config, state, stages)
@@ -501,6 +512,9 @@ def run_pipeline(config: PipelineConfig, workdir: str, only: str | None = None,
                 write_state(workdir, state)
                 raise
             entry["seconds"] = time.perf_counter() - start
+            used = resource.getrusage(resource.RUSAGE_CHILDREN)
+            entry["cpu_seconds"] = (used.ru_utime - children.ru_utime) + (used.ru_stime - children.ru_stime)
+            entry["load_average"] = round(os.getloadavg()[0], 2)
             if status != 0:
                 entry["status"] = "failed"
                 entry["exit_status"] = status
@@ -773,7 +787,9 @@ def write_report(workdir: str, config: PipelineConfig, state: dict, stages: list
                       + f", {_format(last.get('seconds'))} s of training.", ""]
 
     # Stages.
-    lines += ["## Stages", "", "| stage | status | wall time | command |", "|---|---|---|---|"]
+    lines += ["## Stages", "", "Wall time; CPU time (user + system, all threads) of the stage's process; the "
+              "1-minute load average when it ended (other jobs on the machine slow the stages down).", "",
+              "| stage | status | wall time | CPU time | load | command |", "|---|---|---|---|---|---|"]
     for stage in stages:
         entry = state["stages"].get(stage.name, {})
         if stage.name == "report":
@@ -783,11 +799,15 @@ def write_report(workdir: str, config: PipelineConfig, state: dict, stages: list
             if isinstance(seconds, int | float) and entry.get("seconds_before"):
                 seconds = seconds + entry["seconds_before"]
         wall = f"{seconds:.1f} s" if isinstance(seconds, int | float) else "-"
-        lines.append(f"| {stage.name} | {status} | {wall} | `{shlex.join(stage.command())}` |")
+        cpu = f"{entry['cpu_seconds']:.1f} s" if isinstance(entry.get("cpu_seconds"), int | float) else "-"
+        load = _format(entry.get("load_average")) if stage.name != "report" else "-"
+        lines.append(f"| {stage.name} | {status} | {wall} | {cpu} | {load} | `{shlex.join(stage.command())}` |")
     finished = [entry.get("seconds", 0.0) + entry.get("seconds_before", 0.0) for name, entry in state["stages"].items()
                 if name != "report" and entry.get("status") == "done"]
-    lines += ["", f"Total wall time of the finished stages: {sum(finished):.1f} s ({sum(finished) / 60:.1f} min) "
-              f"on {os.cpu_count()} CPU cores (load average at report time: "
+    cpu_total = sum(entry.get("cpu_seconds", 0.0) for name, entry in state["stages"].items()
+                    if name != "report" and entry.get("status") == "done")
+    lines += ["", f"Total wall time of the finished stages: {sum(finished):.1f} s ({sum(finished) / 60:.1f} min), "
+              f"CPU time {cpu_total:.0f} s, on {os.cpu_count()} CPU cores (load average at report time: "
               f"{', '.join(f'{value:.2f}' for value in os.getloadavg())}).", ""]
 
     lines += ["## Config", "", "```json", config_to_json(config), "```", ""]
@@ -831,11 +851,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(str(error)) from None
     else:
         preset = args.preset or "demo"
-        config = resolve_config(preset, overrides, f"--config {args.config}" if args.config else "config")
+        config = resolve_config(preset, overrides, f"--config {args.config}: config" if args.config else "config")
     record = {"preset": preset, "config": config_to_dict(config)}
     if saved is not None:
         check_run_config(workdir, saved, record, ["preset"], holds="a pipeline run with a different config")
     stages = build_stages(config, workdir)
+    if args.stage is not None and args.stage not in {stage.name for stage in stages}:
+        raise UserError(f"unknown stage {args.stage!r}; this config's stages: "
+                        f"{', '.join(stage.name for stage in stages)}")
     if args.dry_run:
         print(f"# preset {preset}, work directory {workdir}")
         for number, stage in enumerate(stages, start=1):
