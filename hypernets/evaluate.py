@@ -322,7 +322,8 @@ def evaluate(config: EvaluateConfig, out: str, inputs: Inputs | None = None, pro
                              config.render, f"{role} dataset {dataset.paths[0]}", progress)
 
     sample_renders, reference_renders = render(samples, "samples"), render(reference, "reference")
-    train_renders = render(train, "train") if train is not None else None
+    same_data = train is not None and os.path.realpath(config.train) == os.path.realpath(config.reference)
+    train_renders = reference_renders if same_data else render(train, "train") if train is not None else None
     distance_name = PIXEL_DISTANCE if kind == "image" else CHAMFER_DISTANCE
 
     cross = distance_matrix(sample_renders, reference_renders)
