@@ -199,18 +199,20 @@ PRESETS: dict[str, ConditionalConfig] = {
                         checkpoint_every=100),
         width=32, depth=1, chunk_size=64, chunk_embedding=8, probe_grid=2, rays_per_field=32, eval_views=1,
         holdout_modulus=4, zero_shot_items=2, finetune_check_every=5),
-    # The image part of scripts/bench_conditional.py (2 CPU cores): 384 shared-init teachers of 16x16.
-    #   python -m hypernets.conditional --make-teachers 384 --size 16 --workdir W --preset bench-image
-    # Measured: see BENCHMARKS.md, "Conditional fields (#7)".
+    # The image part of scripts/bench_conditional.py (2 CPU cores, ~6 min of training): 2048 shared-init teachers
+    # of 16x16. Tuning (BENCHMARKS.md): 384 teachers -> 2.5x fewer finetuning steps; 2048 -> 4.8x at 3000 steps,
+    # 5.6x at 5000; weight_loss 0 collapsed (zero gradients), 0.3 gave 5.4x at 3000 steps.
+    #   python -m hypernets.conditional --make-teachers 2048 --size 16 --workdir W --preset bench-image
     "bench-image": ConditionalConfig(
-        loop=LoopConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.995,
+        loop=LoopConfig(steps=5000, batch_size=32, learning_rate=1e-3, warmup_steps=100, ema_decay=0.995,
                         log_every=50, checkpoint_every=500),
         width=256, depth=2, chunk_size=64, chunk_embedding=32, probe_grid=8, pixels_per_field=256,
         weight_loss=0.1, zero_shot_items=16, finetune_check_every=5),
     # The NeRF part of scripts/bench_conditional.py (2 CPU cores): 48 single-object 32x32 scenes, tiny NeRFs.
     #   python -m hypernets.conditional --data FIELDS --workdir W --preset bench-nerf
+    # (400 steps: 16.7 dB zero-shot, below the condition-free baselines; 2.7x fewer finetuning steps.)
     "bench-nerf": ConditionalConfig(
-        loop=LoopConfig(steps=400, batch_size=8, learning_rate=1e-3, warmup_steps=40, ema_decay=0.99,
+        loop=LoopConfig(steps=800, batch_size=8, learning_rate=1e-3, warmup_steps=40, ema_decay=0.99,
                         log_every=25, checkpoint_every=200),
         width=128, depth=2, chunk_size=64, chunk_embedding=16, probe_grid=4, rays_per_field=128, eval_views=2,
         weight_loss=0.1, zero_shot_items=8, finetune_check_every=10),

@@ -235,14 +235,14 @@ def test_finetune_counter_is_zero_from_the_teachers_own_weights(teachers):
 # ------------------------------------------------------------------------------------------- bad input
 
 
-def test_nerf_data_without_its_scenes_gets_a_one_line_error(tmp_path, capsys):
+def test_nerf_data_without_its_fit_config_gets_a_one_line_error(tmp_path, capsys):
     pmap = [ParamEntry("hash_table", (8, 2), 0, 16, "hash"), ParamEntry("mlp/dense_0/kernel", (4, 4), 16, 16, "mlp")]
     path = str(tmp_path / "nerf.parquet")
     write_shard(path, np.zeros((2, 32), np.float32), {"source_id": ["a", "b"]}, "ngp_nerf", {}, pmap)
     workdir = tmp_path / "run"
     status, _, err = run_entry_point(conditional.main, ["--data", path, "--workdir", str(workdir), "--preset", "tiny"],
                                      capsys)
-    assert_one_line_error(status, err, "NeRF field layout")
+    assert_one_line_error(status, err, "no NeRF fit config")
     assert not workdir.exists()
 
 
@@ -354,8 +354,7 @@ def test_generated_nerf_weights_have_the_teachers_param_map(nerf_teachers, varia
     params = jax.jit(task.init)(key, batch)
     _, raw = jax.jit(task.generate)(params, conditional.condition_inputs(batch))
     assert raw.shape == (2, param_count(nerf_teachers.param_map)) and raw.dtype == jnp.float32
-    loss, metrics = jax.jit(task.loss)(params, batch, key)
-    assert np.isfinite(float(loss)) and float(metrics["render_loss"]) > 0
+    assert np.all(np.isfinite(conditional.render_rows(np.asarray(raw), nerf_teachers, np.arange(2), "jax")))
     if variant == "dynamic":  # the colour MLP is generated from the density MLP's activations
         changed = jax.tree_util.tree_map(lambda x: x, params)
         changed["layer_0_out"]["bias"] = params["layer_0_out"]["bias"] + jnp.float32(0.5)
@@ -388,7 +387,7 @@ def test_nerf_run_distills_and_writes_the_zero_shot_report(nerf_run, nerf_teache
         assert (item["shape"], item["colour"]) not in trained
         assert 0 <= item["finetune_steps_from_generated"] <= item["max_steps"] == NERF_STEPS
         assert 0 < item["finetune_steps_from_fresh"] <= NERF_STEPS
-        assert np.isfinite(item["generated_psnr"]) and item["teacher_psnr"] > 10.0
+        assert np.isfinite(item["generated_psnr"]) and item["teacher_psnr"] > 5.0  # 20-step teachers
     assert np.isfinite(report["baseline_nearest_training_psnr"]) and np.isfinite(report["baseline_mean_image_psnr"])
     assert os.path.exists(os.path.join(nerf_run, "zero_shot.png"))
 
@@ -398,10 +397,11 @@ def test_nerf_finetune_counter_is_zero_from_the_teachers_own_weights(nerf_teache
     rows = np.arange(2)
     target = conditional.field_psnr(teachers.references(rows),
                                     conditional.render_rows(teachers.matrix[rows], teachers, rows, "jax"))
-    result = conditional.finetune_nerf_steps(teachers.matrix[rows], rows, teachers, target, np.array([10, 10]),
+    caps = teachers.steps[rows]  # the run's finetuning shapes: its compiled chunk is reused
+    result = conditional.finetune_nerf_steps(teachers.matrix[rows], rows, teachers, target, caps,
                                              teachers.seeds[rows], check_every=5)
     np.testing.assert_array_equal(result.steps, [0, 0])
     fresh = conditional.initial_weights(teachers.fit_config, teachers.param_map, teachers.init_seeds[rows])
-    from_fresh = conditional.finetune_nerf_steps(fresh, rows, teachers, target, np.array([10, 10]),
-                                                 teachers.seeds[rows], check_every=5)
-    assert np.all(from_fresh.steps > 0) and np.all(from_fresh.steps <= 10)
+    from_fresh = conditional.finetune_nerf_steps(fresh, rows, teachers, target, caps, teachers.seeds[rows],
+                                                 check_every=5)
+    assert np.all(from_fresh.steps > 0) and np.all(from_fresh.steps <= NERF_STEPS)
