@@ -115,7 +115,8 @@ class ConditionalConfig:
 
     Attributes:
         loop: the training loop (steps, batch size, optimiser, EMA, checkpoints).
-        condition: ``"label"``, ``"attributes"`` (shape + colour) or ``"caption"``.
+        condition: ``"label"``, ``"attributes"`` (shape + colour), ``"caption"`` (bag of words) or
+            ``"text"`` (a pretrained offline sentence encoder, the ``[text]`` extra).
         layout: also condition on the primitive's centre, size and rotation (procedural primitives
             vary in all three, so without them a condition names a family of images, not one image).
         variant: ``"static"`` (context -> all weights) or ``"dynamic"`` (MLP layers generated one
@@ -910,8 +911,15 @@ def build_conditions(kind: str, use_layout: bool, teachers: TeacherData, train_r
         spec = ConditionSpec("attributes", num_shapes=len(shapes), num_colours=len(colours), use_layout=use_layout)
     else:
         if teachers.captions is None:
-            raise UserError(f"{where}: --condition caption needs a 'caption' column (or {PROCEDURAL_SOURCE} "
+            raise UserError(f"{where}: --condition {kind} needs a 'caption' column (or {PROCEDURAL_SOURCE} "
                             "source ids); this dataset has neither")
+    if kind == "text":
+        from hypernets.text_encoder import TEXT_ENCODER, embed_captions
+
+        arrays["text_embedding"] = embed_captions(teachers.captions)
+        vocabulary = {"text_encoder": TEXT_ENCODER}
+        spec = ConditionSpec("text", text_dim=arrays["text_embedding"].shape[1], use_layout=use_layout)
+    elif kind == "caption":
         words = sorted({word for row in train_rows for word in caption_words(teachers.captions[row])})
         arrays["words"] = encode_captions(teachers.captions, words)
         vocabulary = {"words": words}

@@ -199,6 +199,28 @@ def test_caption_encoder_maps_equal_captions_to_equal_embeddings(key):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_text_encoder_embeds_captions_offline_and_knows_unseen_words():
+    from hypernets.text_encoder import EMBEDDING_DIM, embed_captions
+
+    embeddings = embed_captions(["a red circle", "a crimson disc", "a blue square", ""])
+    assert embeddings.shape == (4, EMBEDDING_DIM) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings[:3], axis=1), 1.0, rtol=1e-5)
+    # Words no training caption uses still land near their synonyms: a pretrained table, not a learned vocabulary.
+    assert embeddings[0] @ embeddings[1] > embeddings[0] @ embeddings[2]
+    np.testing.assert_array_equal(embeddings[0], embed_captions(["a red circle"])[0])
+
+
+def test_text_condition_trains_from_caption_embeddings(teachers, tmp_path, capsys):
+    workdir = tmp_path / "text"
+    status, _, err = run_entry_point(conditional.main, ["--data", teachers.path, "--workdir", str(workdir),
+                                                        "--preset", "tiny", "--condition", "text", "--quiet"], capsys)
+    assert status == 0, err
+    vocabulary = json.loads((workdir / "vocabulary.json").read_text())
+    assert "wordllama" in vocabulary["text_encoder"]
+    zero_shot = json.loads((workdir / "zero_shot.json").read_text())
+    assert zero_shot  # the held-out captions were generated and scored
+
+
 # ------------------------------------------------------------------------------------------- zero-shot
 
 

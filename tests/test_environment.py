@@ -64,7 +64,7 @@ def test_pyproject_extras_name_the_expected_packages():
     assert any("cuda12" in r for r in cuda_jax), gpu
     # The CUDA plugin must come from the same jax series as the default dependencies.
     assert minor_series(cuda_jax, requirement_name(cuda_jax[0])) == minor_series(project["dependencies"], "jax")
-    # [text] holds only packages the project imports (today none: the bag-of-words encoder is built in).
+    # [text] holds only packages the project imports.
     sources = []
     for package in PACKAGES:
         for root, _, files in os.walk(os.path.join(REPO, package)):

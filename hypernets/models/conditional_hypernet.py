@@ -13,6 +13,8 @@ Conditions (``ConditionSpec.kind``), each embedded to ``[batch, width]``:
 - ``"caption"``: a bag-of-words text encoder: word ids ``[batch, length]`` (0 = padding, 1 = unknown
   word) -> the mean of learned word embeddings over the non-padding words. Word order is ignored and
   the vocabulary is the training captions' words (nothing is downloaded);
+- ``"text"``: a caption's embedding from a pretrained offline sentence encoder
+  (``hypernets.text_encoder``, the ``[text]`` extra) ``[batch, text_dim]``, through a linear map;
 - optionally (``use_layout``) layout features ``[batch, features]`` (a 2D primitive's centre, radius and
   rotation harmonics; a 3D object's position, size and rotation) through a linear map, added to the
   embedding.
@@ -55,7 +57,7 @@ from fields.models import hash_grid
 from fields.models.nerf import NeRFFieldConfig, spherical_harmonics
 from fields.models.ngp import NGPFieldConfig
 
-CONDITION_KINDS = ("label", "attributes", "caption")
+CONDITION_KINDS = ("label", "attributes", "caption", "text")
 VARIANTS = ("static", "dynamic")
 PAD_WORD = 0
 UNKNOWN_WORD = 1
@@ -64,7 +66,7 @@ FIRST_WORD = 2
 LAYOUT_HARMONICS = 5
 LAYOUT_FEATURES = 3 + 2 * LAYOUT_HARMONICS
 # Batch keys of the condition inputs (only those of the configured kind are present).
-CONDITION_KEYS = ("labels", "shape_ids", "colour_ids", "words", "layout")
+CONDITION_KEYS = ("labels", "shape_ids", "colour_ids", "words", "text_embedding", "layout")
 HASH_TABLE_NAME = "hash_table"
 _KERNEL_NAME = re.compile(r"^mlp/dense_(\d+)/kernel$")
 _CHAIN_KERNEL_NAME = re.compile(r"^(\w+)/dense_(\d+)/kernel$")
@@ -79,10 +81,11 @@ class ConditionSpec:
     """What the condition encoder reads.
 
     Attributes:
-        kind: ``"label"``, ``"attributes"`` or ``"caption"``.
+        kind: ``"label"``, ``"attributes"``, ``"caption"`` or ``"text"``.
         num_classes: label classes ``[0, num_classes)`` (others share the "unknown" embedding).
         num_shapes, num_colours: attribute vocabulary sizes, without the "unknown" id 0.
         vocab_size: caption vocabulary size including the padding (0) and unknown (1) words.
+        text_dim: width of the ``"text"`` condition's caption embeddings.
         use_layout: also read ``layout [batch, LAYOUT_FEATURES]``.
     """
 
@@ -91,6 +94,7 @@ class ConditionSpec:
     num_shapes: int = 0
     num_colours: int = 0
     vocab_size: int = 0
+    text_dim: int = 0
     use_layout: bool = False
 
     def __post_init__(self):
@@ -259,6 +263,8 @@ class ConditionEncoder(nn.Module):
             colours = nn.Embed(spec.num_colours + 1, self.width, name="colours")(
                 jnp.asarray(conditions["colour_ids"], jnp.int32))
             embedding = shapes + colours
+        elif spec.kind == "text":
+            embedding = nn.Dense(self.width, name="text")(jnp.asarray(conditions["text_embedding"], jnp.float32))
         else:
             embedding = BagOfWords(spec.vocab_size, self.width, name="caption")(
                 jnp.asarray(conditions["words"], jnp.int32))
