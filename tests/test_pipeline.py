@@ -240,3 +240,21 @@ def test_training_curves_read_loss_and_validation_loss_from_history(tmp_path):
     history.write_text('{"step": 2, "loss": 1.5}\n{"step": 4, "loss": 1.0, "val_loss": 1.2}\n{"step": 6, "lo')
     series = pipeline.training_curves(pipeline.read_history(str(history)))
     assert series == {"train loss": ([2.0, 4.0], [1.5, 1.0]), "validation loss": ([4.0], [1.2])}
+
+
+def test_a_failing_report_is_one_line_with_the_traceback_in_its_log(tiny_run, capsys, monkeypatch):
+    workdir = tiny_run[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no figures today")
+
+    monkeypatch.setattr(pipeline, "write_report", broken)
+    status, _, err = run_entry_point(main, ["--workdir", workdir, "--stage", "report"], capsys)
+    log = os.path.join(workdir, "logs", "report.log")
+    assert_one_line_error(status, err, "stage report failed (exit status 1): error: RuntimeError: no figures today; "
+                                       f"log: {log}")
+    assert "Traceback" in _read(log)
+    monkeypatch.undo()
+    status, out, err = run_entry_point(main, ["--workdir", workdir, "--stage", "report"], capsys)
+    assert status == 0, err
+    assert "[8/8] report: write report.md with figures (resuming)" in out
