@@ -8,7 +8,9 @@ of them) of one field kind and architecture. Every field is rendered (:mod:`hype
 images for image fields, 2,048 surface points for occupancy fields), and the report holds:
 
 - MMD, COV and 1-NNA between samples and reference (definitions in :mod:`hypernets.metrics`) with
-  the pixel RMS distance (images) or the squared Chamfer distance on surface points (shapes);
+  the pixel RMS distance (images) or the squared Chamfer distance on surface points (shapes); 1-NNA
+  is computed on sets of equal size (a seeded random subset of the larger set), since with unequal
+  sets its 50% ideal no longer holds;
 - images only: the Fréchet distance and precision/recall (k = 3) in the feature space of a small
   CNN (:mod:`hypernets.classifier`) trained on the reference renders and their labels (cached in
   ``OUT/classifier``); without reference labels, a fixed random projection of the pixels (or the
@@ -257,6 +259,26 @@ def feature_report(config: EvaluateConfig, out: str, reference: Renders, referen
     return features, values
 
 
+def balanced_one_nna(sample_distances: np.ndarray, reference_distances: np.ndarray, cross: np.ndarray,
+                     seed: int) -> dict:
+    """1-NNA on equal-size sets: the larger set is cut to the smaller's size by a seeded random subset.
+
+    Args: the ``[S, S]``, ``[R, R]`` and ``[S, R]`` distance matrices. Returns
+    ``metrics.one_nearest_neighbour_accuracy``'s dict plus ``set_size``.
+    """
+    count = min(len(sample_distances), len(reference_distances))
+    rng = np.random.default_rng(seed)
+
+    def subset(size: int) -> np.ndarray:
+        return np.arange(size) if size == count else np.sort(rng.choice(size, count, replace=False))
+
+    rows, columns = subset(len(sample_distances)), subset(len(reference_distances))
+    result = metrics.one_nearest_neighbour_accuracy(sample_distances[np.ix_(rows, rows)],
+                                                    reference_distances[np.ix_(columns, columns)],
+                                                    cross[np.ix_(rows, columns)])
+    return {**result, "set_size": count}
+
+
 def novelty_report(config: EvaluateConfig, train: FieldDataset, train_renders: Renders, samples: Renders,
                    metadata: dict, progress: bool) -> tuple[dict, np.ndarray]:
     """Nearest-training-field distances of the samples and of the noise baselines.
@@ -327,8 +349,8 @@ def evaluate(config: EvaluateConfig, out: str, inputs: Inputs | None = None, pro
     distance_name = PIXEL_DISTANCE if kind == "image" else CHAMFER_DISTANCE
 
     cross = distance_matrix(sample_renders, reference_renders)
-    one_nna = metrics.one_nearest_neighbour_accuracy(distance_matrix(sample_renders),
-                                                     distance_matrix(reference_renders), cross)
+    one_nna = balanced_one_nna(distance_matrix(sample_renders), distance_matrix(reference_renders), cross,
+                               config.seed)
     sample_to_reference, _ = metrics.nearest(cross)
     values = {
         "mmd": metrics.minimum_matching_distance(cross),
@@ -336,6 +358,7 @@ def evaluate(config: EvaluateConfig, out: str, inputs: Inputs | None = None, pro
         "1nna": one_nna["accuracy"],
         "1nna_samples": one_nna["accuracy_samples"],
         "1nna_reference": one_nna["accuracy_reference"],
+        "1nna_set_size": one_nna["set_size"],
         "fd": None, "precision": None, "recall": None, "conditional_accuracy": None,
     }
     sample_labels = label_column(samples.columns, len(samples))
@@ -451,7 +474,8 @@ def markdown_report(report: dict) -> str:
     for key, name, percent, note in METRIC_ROWS:
         lines.append(f"| {name} | {_format(values.get(key), percent)} | {note} |")
     lines.append(f"| 1-NNA (samples / reference) | {_format(values['1nna_samples'], True)} / "
-                 f"{_format(values['1nna_reference'], True)} | accuracy on each set |")
+                 f"{_format(values['1nna_reference'], True)} | accuracy on each set "
+                 f"({values['1nna_set_size']} of each) |")
     novelty = report["novelty"]
     if novelty is not None:
         lines += ["", "## Novelty: distance to the nearest training field", "",

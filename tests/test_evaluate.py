@@ -51,6 +51,28 @@ def test_one_nearest_neighbour_accuracy_by_hand():
     assert result["accuracy_reference"] == pytest.approx(3 / 4)
 
 
+def test_balanced_one_nna_cuts_the_larger_set_to_the_smaller():
+    from hypernets.evaluate import balanced_one_nna
+
+    # 40 samples and 400 reference items from one distribution: plain 1-NNA is pulled towards the
+    # larger set's accuracy (about 90%); on equal sets it is near the ideal 50%.
+    rng = np.random.default_rng(0)
+    samples, reference = rng.normal(size=(40, 4)), rng.normal(size=(400, 4))
+
+    def distances(a, b):
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+
+    among_samples, among_reference, cross = distances(samples, samples), distances(reference, reference), \
+        distances(samples, reference)
+    plain = metrics.one_nearest_neighbour_accuracy(among_samples, among_reference, cross)["accuracy"]
+    balanced = balanced_one_nna(among_samples, among_reference, cross, seed=0)
+    assert plain > 0.8 and abs(balanced["accuracy"] - 0.5) < 0.15 and balanced["set_size"] == 40
+    # Equal sets are used whole.
+    whole = balanced_one_nna(among_samples, among_samples, among_samples, seed=0)
+    assert whole == {**metrics.one_nearest_neighbour_accuracy(among_samples, among_samples, among_samples),
+                     "set_size": 40}
+
+
 def test_one_nearest_neighbour_accuracy_of_copies_is_zero_and_of_separated_sets_is_one():
     points = np.array([[0.0], [1.0], [3.0]])
     same = np.sqrt(metrics.squared_euclidean(points, points))
