@@ -113,6 +113,8 @@ class ModelConfig:
         steps, batch_size: training overrides; 0: the preset's.
         num_samples: fields sampled and evaluated.
         class_conditional: condition on the labels (the primitives' shape).
+        guidance_scale: classifier-free guidance of a class-conditional diffusion's samples (1: none;
+            the autoregressive model ignores it).
         num_devices: data-parallel devices; 0: all local devices.
     """
 
@@ -122,6 +124,7 @@ class ModelConfig:
     batch_size: int = 0
     num_samples: int = 64
     class_conditional: bool = True
+    guidance_scale: float = 1.0
     num_devices: int = 0
 
     def __post_init__(self):
@@ -186,7 +189,7 @@ PRESETS: dict[str, PipelineConfig] = {
     #   python -m hypernets.pipeline --preset demo --workdir runs/demo
     "demo": PipelineConfig(
         data=DataConfig(train_num=1024, test_num=256),
-        diffusion=ModelConfig(preset="cpu", steps=800),
+        diffusion=ModelConfig(preset="cpu", steps=800, guidance_scale=3.0),
         autoregressive=ModelConfig(preset="cpu", steps=100),
         evaluate=EvaluationConfig(classifier_preset="small")),
     # Fashion-MNIST-sized budgets on the procedural primitives (60,000 + 10,000 fields; hours on a
@@ -294,11 +297,13 @@ def _encode_arguments(data: DataConfig, source: str, num: int, seed: int, out: s
     return (*arguments, "--quiet")
 
 
-def _model_arguments(model: ModelConfig, data_path: str, workdir: str) -> tuple[str, ...]:
+def _model_arguments(model: ModelConfig, data_path: str, workdir: str, guided: bool) -> tuple[str, ...]:
     arguments = ["--data", data_path, "--workdir", workdir, "--preset", model.preset,
                  "--num-samples", str(model.num_samples)]
     if model.class_conditional:
         arguments.append("--class-conditional")
+        if guided and model.guidance_scale != 1.0:
+            arguments += ["--guidance-scale", str(model.guidance_scale)]
     for flag, value in (("--steps", model.steps), ("--batch-size", model.batch_size),
                         ("--num-devices", model.num_devices)):
         if value:
@@ -333,7 +338,8 @@ def build_stages(config: PipelineConfig, workdir: str) -> list[Stage]:
             continue
         data_path, source = ((paths["fields_train"], "encode_train") if model == "diffusion"
                              else (paths["tokens_train"], "tokenize"))
-        stages.append(Stage(model, f"hypernets.{model}", _model_arguments(settings, data_path, paths[model]),
+        arguments = _model_arguments(settings, data_path, paths[model], guided=model == "diffusion")
+        stages.append(Stage(model, f"hypernets.{model}", arguments,
                             os.path.join(paths[model], "samples", "samples-000000.parquet"),
                             f"train {model} ({settings.preset} preset"
                             + (f", {settings.steps} steps" if settings.steps else "")
