@@ -58,6 +58,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--min-psnr", type=float,
                         help="quality gate for image and NeRF fields: refit fields below it once, then drop them")
     parser.add_argument("--min-iou", type=float, help="the same gate for occupancy fields (IoU in [0, 1])")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out items that cannot be loaded (a broken image or mesh file) instead of stopping; "
+                             "they are listed in OUT/skipped.json")
     parser.add_argument("--eval-views", type=int, default=10, help="NeRF fields: test views scored (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="field i uses seed + i; procedural data seed")
     parser.add_argument("--init", choices=INIT_MODES, default="shared",
@@ -244,6 +247,23 @@ def check_or_write_manifest(out: str, manifest: dict) -> None:
         write_json(path, manifest)
 
 
+def load_items(job: EncodeJob, indices: list[int], skip_unreadable: bool) -> tuple[list[int], Any, dict]:
+    """``(loaded indices, items, {index: error})``: every item, or with ``skip_unreadable`` those that load."""
+    if not skip_unreadable:
+        return indices, job.load(indices), {}
+    kept, parts, errors = [], [], {}
+    for index in indices:
+        try:
+            parts.append(job.load([index]))
+            kept.append(index)
+        except UserError as error:
+            errors[index] = str(error)
+    if not parts:
+        return [], None, errors
+    items = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [item for part in parts for item in part]
+    return kept, items, errors
+
+
 def fit_with_gate(job: EncodeJob, items, seeds, init_seed: int | None = None):
     """Fits a batch (every field's initial weights from ``init_seed`` when given, else from its own
     seed); fields whose quality is below ``job.threshold`` are refitted once (other sampling seed,
@@ -319,15 +339,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(batches) - len(todo)} already written; {job.field_kind} fields, {job.config.steps} steps each")
     bar = tqdm(total=total, initial=done, desc="encode", unit="field", disable=args.quiet, dynamic_ncols=True)
     start, fitted, quality_sum, refits, drops = time.perf_counter(), 0, 0.0, 0, 0
+    skipped_path = os.path.join(args.out, "skipped.json")
+    skipped: dict[int, str] = {}
+    if os.path.exists(skipped_path):  # a resumed run keeps the earlier list (keyed by source id there)
+        with open(skipped_path) as handle:
+            earlier = json.load(handle)
+        skipped = {index: earlier[source_id] for index in range(job.source.num_items)
+                   if (source_id := str(job.source.source_id(index))) in earlier}
     for first, stop in todo:
-        indices = list(range(first, stop))
-        items = job.load(indices)
+        indices, items, unreadable = load_items(job, list(range(first, stop)), args.skip_unreadable)
+        if unreadable:
+            skipped.update(unreadable)
+            write_json(os.path.join(args.out, "skipped.json"),
+                       {str(job.source.source_id(index)): error for index, error in sorted(skipped.items())})
+            tqdm.write(f"skipped {len(unreadable)} unreadable item(s) of batch {first}..{stop - 1}: "
+                       f"{next(iter(unreadable.values()))}" + (" ..." if len(unreadable) > 1 else ""))
         seeds = [args.seed + index for index in indices]
-        try:
-            matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
-                job, items, seeds, init_seed)
-        except FloatingPointError as error:
-            raise UserError(f"batch {first}..{stop - 1}: {error}") from None
+        if not indices:
+            matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = (
+                np.zeros((0, sum(entry.size for entry in job.pmap)), np.float32), [], [], [], [], 0, 0)
+        else:
+            try:
+                matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
+                    job, items, seeds, init_seed)
+            except FloatingPointError as error:
+                raise UserError(f"batch {first}..{stop - 1}: {error}") from None
         kept = [indices[k] for k in keep]
         columns = {
             "source_id": [job.source.source_id(index) for index in kept],
@@ -352,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     gate = (f"; quality gate {job.quality} >= {job.threshold}: {refits} refitted, {drops} dropped"
             if job.threshold is not None else "")
+    if skipped:
+        gate += f"; {len(skipped)} unreadable item(s) skipped (listed in {skipped_path})"
     if todo:
         print(f"encoded {fitted} fields in {elapsed:.1f} s ({(fitted + drops) / elapsed:.2f} fields/s), "
               f"mean {job.quality} {quality_sum / max(fitted, 1):.3f}{gate}; shards in {args.out}")

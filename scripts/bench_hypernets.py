@@ -159,7 +159,7 @@ def shapes_part(args) -> dict:
         fields[split] = os.path.join(work, f"fields_{split}")
         run("fields.encode_dataset", "--source", f"meshes:{folder}", "--preset", args.occupancy_preset,
             "--out", fields[split], "--seed", "0" if split == "train" else "10000000", "--init-seed", "0",
-            "--quiet")
+            "--skip-unreadable", "--quiet")  # a few of pybullet_data's meshes have NaN vertices
     result = {"meshes": "pybullet_data/random_urdfs", "train_shapes": len(splits["train"]),
               "test_shapes": len(splits["test"]), "occupancy_preset": args.occupancy_preset}
     shape_args = argparse.Namespace(**{**vars(args), "work": work})

@@ -1,6 +1,7 @@
 """encode_dataset over folders of meshes (occupancy fields) and of scenes (NeRF fields)."""
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -92,6 +93,29 @@ def test_encode_mesh_folder_into_occupancy_fields(mesh_folder, tmp_path, capsys,
                                                                              "--min-iou", "1.0", "--quiet"], capsys)
     assert status == 0, err
     assert "3 refitted" in stdout and "dropped" in stdout
+
+
+def test_unreadable_meshes_stop_with_one_line_or_are_skipped(mesh_folder, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setitem(OCCUPANCY_PRESETS, "test", TINY_OCCUPANCY)
+    folder = tmp_path / "with_broken"
+    shutil.copytree(mesh_folder / "round", folder)
+    # pybullet_data ships meshes like this one: every vertex NaN.
+    (folder / "broken.obj").write_text("v nan nan nan\nv nan nan nan\nv nan nan nan\nf 1 2 3\n")
+    argv = ["--source", f"meshes:{folder}", "--preset", "test", "--fields-per-batch", "2", "--quiet"]
+    status, _, err = run_entry_point(encode_dataset.main, argv + ["--out", str(tmp_path / "stop")], capsys)
+    assert_one_line_error(status, err, "broken.obj: the mesh has non-finite vertex positions")
+    out = tmp_path / "skip"
+    status, stdout, err = run_entry_point(encode_dataset.main, argv + ["--out", str(out), "--skip-unreadable"], capsys)
+    assert status == 0, err
+    assert "1 unreadable item(s) skipped" in stdout
+    dataset = read_dataset(str(out))
+    assert dataset.matrix.shape[0] == 2 and "broken.obj" not in list(dataset.columns["source_id"])
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert list(skipped) == ["broken.obj"] and "non-finite" in skipped["broken.obj"]
+    status, stdout, _ = run_entry_point(encode_dataset.main, argv + ["--out", str(out), "--skip-unreadable"], capsys)
+    assert status == 0 and "nothing to do" in stdout
 
 
 def assert_opens_with_hugging_face_datasets(folder, dataset, tmp_path, monkeypatch):

@@ -229,16 +229,19 @@ def load_mesh(path: str, color=(0.8, 0.8, 0.8)) -> Mesh:
     except ImportError:
         raise UserError("loading meshes needs trimesh: pip install 'trimesh>=4'") from None
     try:
-        loaded = trimesh.load(path, force="mesh", process=True)
+        loaded = trimesh.load(path, force="mesh", process=False)
+        if len(loaded.vertices) and not np.all(np.isfinite(np.asarray(loaded.vertices, dtype=np.float64))):
+            raise UserError(f"{path}: the mesh has non-finite vertex positions")
+        loaded.process()  # merge duplicate vertices, drop degenerate faces
         vertices = np.asarray(loaded.vertices, dtype=np.float64)
         faces = np.asarray(loaded.faces, dtype=np.int64)
+    except UserError:
+        raise
     except Exception as error:  # noqa: BLE001 - any parser failure becomes one line
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read mesh {path}: {message}") from None
     if len(vertices) == 0 or len(faces) == 0:
         raise UserError(f"{path}: the mesh has no triangles")
-    if not np.all(np.isfinite(vertices)):
-        raise UserError(f"{path}: the mesh has non-finite vertex positions")
     colors = np.broadcast_to(np.asarray(color, dtype=np.float32), vertices.shape)
     visual = getattr(loaded, "visual", None)
     if getattr(visual, "kind", None) in ("vertex", "face"):
