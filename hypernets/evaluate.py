@@ -46,6 +46,8 @@ from hypernets import metrics
 from hypernets.classifier import PRESETS as CLASSIFIER_PRESETS
 from hypernets.classifier import ClassifierConfig, fallback_features, load_or_train
 from hypernets.datasets import label_column
+from hypernets.metrics import METRIC_ROWS
+from hypernets.metrics import format_metric as _format
 from hypernets.rendering import Renders, RenderSettings, render_fields, render_kind, save_grid
 from hypernets.runs import read_saved_run, write_run
 
@@ -434,21 +436,6 @@ def _json_ready(value):
     return value
 
 
-def _format(value, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{100.0 * value:.1f}%" if percent else f"{value:.4g}"
-
-
-METRIC_ROWS = (
-    ("mmd", "MMD", False, "lower is better; mean over reference of the nearest sample's distance"),
-    ("cov", "COV", True, "higher is better; reference items that are some sample's nearest"),
-    ("1nna", "1-NNA", True, "50% is ideal; well below 50% means copies of the reference"),
-    ("fd", "FD", False, "Fréchet distance of features; lower is better"),
-    ("precision", "precision", True, "samples inside the reference feature manifold"),
-    ("recall", "recall", True, "reference inside the sample feature manifold"),
-    ("conditional_accuracy", "class accuracy", True, "labelled samples classified as their label"),
-)
 
 
 def markdown_report(report: dict) -> str:

@@ -328,3 +328,25 @@ def summary(values: np.ndarray) -> dict[str, float]:
         "min": float(np.min(values)),
         "max": float(np.max(values)),
     }
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+# The generator metrics as reports show them: (key in eval.json's "metrics", name, percent, what it means).
+METRIC_ROWS = (
+    ("mmd", "MMD", False, "lower is better; mean over reference of the nearest sample's distance"),
+    ("cov", "COV", True, "higher is better; reference items that are some sample's nearest"),
+    ("1nna", "1-NNA", True, "50% is ideal; near 100%: samples and reference are told apart easily; well below "
+                            "50%: copies of the reference"),
+    ("fd", "FD", False, "Fréchet distance of classifier features; lower is better; compare within one report"),
+    ("precision", "precision", True, "samples inside the reference feature manifold"),
+    ("recall", "recall", True, "reference inside the sample feature manifold"),
+    ("conditional_accuracy", "class accuracy", True, "labelled samples classified as their label"),
+)
+
+
+def format_metric(value, percent: bool = False) -> str:
+    """``"12.3%"`` / ``"0.1234"`` (4 significant digits); ``"n/a"`` for None, non-numbers and non-finite values."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return "n/a"
+    return f"{100.0 * value:.1f}%" if percent else f"{value:.4g}"

@@ -48,6 +48,8 @@ from collections.abc import Callable, Iterator
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
 from fields.files import write_atomic, write_json
+from hypernets.metrics import METRIC_ROWS
+from hypernets.metrics import format_metric as _format
 
 CONFIG_NAME = "pipeline_config.json"
 STATE_NAME = "pipeline_state.json"
@@ -669,22 +671,6 @@ def training_curves(rows: list[dict]) -> dict[str, tuple[list[float], list[float
 # ------------------------------------------------------------------------------------------ report
 
 
-def _format(value, percent: bool = False) -> str:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        return "n/a"
-    return f"{100.0 * value:.1f}%" if percent else f"{value:.4g}"
-
-
-# (key in eval.json's "metrics", name, percent, what it means)
-METRIC_ROWS = (
-    ("1nna", "1-NNA", True, "50% is ideal; near 100% means samples and test fields are told apart easily"),
-    ("mmd", "MMD (pixel RMS)", False, "lower is better: mean distance of each test field to its nearest sample"),
-    ("cov", "COV", True, "higher is better: test fields that are some sample's nearest"),
-    ("fd", "FD (classifier features)", False, "lower is better; compare within one report only"),
-    ("precision", "precision", True, "samples inside the test fields' feature manifold"),
-    ("recall", "recall", True, "test fields inside the samples' feature manifold"),
-    ("conditional_accuracy", "class accuracy", True, "class-conditional samples classified as their label"),
-)
 
 
 def _read_json(path: str):
