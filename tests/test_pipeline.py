@@ -216,7 +216,7 @@ def test_dry_run_prints_every_stage_command_and_runs_nothing(tmp_path, capsys):
         "hypernets.evaluate", "hypernets.pipeline"]
     assert "--num 1024 --size 28x28 --preset small" in commands[0] and "--steps" not in commands[0]
     assert "--seed 10000000 --init-seed 0" in commands[1]
-    assert "--preset cpu --num-samples 64 --class-conditional --steps 800" in commands[3]
+    assert "--preset cpu --num-samples 64 --class-conditional --guidance-scale 3.0 --steps 800" in commands[3]
     assert not workdir.exists()
 
 
