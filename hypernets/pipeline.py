@@ -185,9 +185,9 @@ PRESETS: dict[str, PipelineConfig] = {
         evaluate=EvaluationConfig(classifier_preset="tiny", classifier_steps=40, grid_size=8, baseline_count=8)),
     # `make demo`: 1,024 + 256 fields of 28x28 primitives (ngp_image "small", ~1.6k weights each), a
     # class-conditional DiT ("cpu", 800 steps) and a small token transformer ("cpu", 100 steps),
-    # 64 samples each, evaluated with the "small" classifier. 830 s of CPU time: 7-14 minutes alone on
-    # 2 CPU cores, 24.5 minutes measured on 2 cores shared with other jobs (load 6-14). Measured: samples
-    # are coloured blobs, 1-NNA 89% (diffusion) / 92% (autoregressive), 50% being ideal, none memorised.
+    # 64 samples each (diffusion at guidance 3), evaluated with the "small" classifier. Measured: 12.5
+    # minutes (805 s CPU) on 2 cores with one other job running; samples are coloured blobs, 1-NNA 77%
+    # (diffusion) / 82% (autoregressive) on 64 vs 64, 50% being ideal, none memorised.
     #   python -m hypernets.pipeline --preset demo --workdir runs/demo
     "demo": PipelineConfig(
         data=DataConfig(train_num=1024, test_num=256),
