@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 EXIT_USAGE = 2
@@ -25,10 +26,9 @@ def prepare_workdir(workdir: str) -> None:
     """Creates ``workdir`` and checks that it is writable (``UserError`` otherwise)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
+        # A probe file of its own (several processes of one multi-host run prepare the same workdir).
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test-") as handle:
+            handle.write(b"ok")
     except OSError as error:
         raise UserError(f"cannot write to workdir {workdir}: {error.strerror or error}") from None
 

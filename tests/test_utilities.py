@@ -1,6 +1,7 @@
 """Metrics, configs and weight files."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -69,3 +70,16 @@ def test_flatten_round_trip_and_safetensors(tmp_path):
 def test_image_fit_config_validation():
     with pytest.raises(ValueError, match="backend"):
         dataclasses.replace(PRESETS["tiny"], backend="gpu-magic")
+
+
+def test_prepare_workdir_is_safe_for_processes_preparing_one_workdir_at_once(tmp_path):
+    # Every process of a multi-host run prepares the same work directory; a shared probe file name
+    # made one process fail ("No such file or directory") when another removed the probe first.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fields.cli import prepare_workdir
+
+    workdir = str(tmp_path / "run")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [prepare_workdir(workdir) for _ in range(50)], range(8)))
+    assert os.listdir(workdir) == []
