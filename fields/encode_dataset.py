@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     per_batch = args.fields_per_batch or DEFAULT_FIELDS_PER_BATCH[job.family]
 
     from fields.field_datasets import write_shard
-    from fields.weights import param_map_to_json
+    from fields.weights import param_count, param_map_to_json
 
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -340,24 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=total, initial=done, desc="encode", unit="field", disable=args.quiet, dynamic_ncols=True)
     start, fitted, quality_sum, refits, drops = time.perf_counter(), 0, 0.0, 0, 0
     skipped_path = os.path.join(args.out, "skipped.json")
-    skipped: dict[int, str] = {}
-    if os.path.exists(skipped_path):  # a resumed run keeps the earlier list (keyed by source id there)
-        with open(skipped_path) as handle:
-            earlier = json.load(handle)
-        skipped = {index: earlier[source_id] for index in range(job.source.num_items)
-                   if (source_id := str(job.source.source_id(index))) in earlier}
+    skipped: dict[str, str] = read_config_record(skipped_path) or {}  # source id -> error; kept on resume
     for first, stop in todo:
         indices, items, unreadable = load_items(job, list(range(first, stop)), args.skip_unreadable)
         if unreadable:
-            skipped.update(unreadable)
-            write_json(os.path.join(args.out, "skipped.json"),
-                       {str(job.source.source_id(index)): error for index, error in sorted(skipped.items())})
+            skipped.update({str(job.source.source_id(index)): error for index, error in unreadable.items()})
+            write_json(skipped_path, skipped)
             tqdm.write(f"skipped {len(unreadable)} unreadable item(s) of batch {first}..{stop - 1}: "
                        f"{next(iter(unreadable.values()))}" + (" ..." if len(unreadable) > 1 else ""))
         seeds = [args.seed + index for index in indices]
         if not indices:
             matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = (
-                np.zeros((0, sum(entry.size for entry in job.pmap)), np.float32), [], [], [], [], 0, 0)
+                np.zeros((0, param_count(job.pmap)), np.float32), [], [], [], [], 0, 0)
         else:
             try:
                 matrix, keep, quality, used_seeds, steps, batch_refits, batch_drops = fit_with_gate(
