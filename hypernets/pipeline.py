@@ -1,6 +1,6 @@
 """The whole pipeline on one command: data -> fields -> tokens -> hypernets -> samples -> evaluation -> report.
 
-    python -m hypernets.pipeline --preset demo                      # runs/demo; 830 s of CPU time
+    python -m hypernets.pipeline --preset demo                      # runs/demo; 805 s of CPU time
     python -m hypernets.pipeline --preset research --workdir runs/research --config overrides.json
     python -m hypernets.pipeline --workdir runs/demo --dry-run      # print every stage's command
     python -m hypernets.pipeline --workdir runs/demo --stage report # (re)run one stage on its own
@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import glob
 import json
 import math
 import os
@@ -46,10 +47,18 @@ import time
 from collections.abc import Callable, Iterator
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
-from fields.config import ConfigError, check_run_config, config_from_dict, config_to_dict, config_to_json
+from fields.config import (
+    ConfigError,
+    check_run_config,
+    config_from_dict,
+    config_to_dict,
+    config_to_json,
+    read_config_record,
+)
 from fields.files import write_atomic, write_json
 from hypernets.metrics import METRIC_ROWS
 from hypernets.metrics import format_metric as _format
+from hypernets.runs import SAMPLES_DIRECTORY, SAMPLES_SHARD
 
 CONFIG_NAME = "pipeline_config.json"
 STATE_NAME = "pipeline_state.json"
@@ -241,13 +250,15 @@ def read_overrides(path: str) -> dict:
     return values
 
 
-def resolve_config(preset: str, overrides: dict, where: str = "config") -> PipelineConfig:
-    """``PRESETS[preset]`` with ``overrides`` (nested dicts) applied; one-line ``UserError`` naming a
-    bad field (unknown key, wrong type, invalid value)."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown pipeline preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+def resolve_config(preset: str, overrides: dict, where: str = "config", base: dict | None = None) -> PipelineConfig:
+    """``PRESETS[preset]`` (or the saved config dict ``base``) with ``overrides`` (nested dicts) applied;
+    one-line ``UserError`` naming a bad field (unknown key, wrong type, invalid value)."""
+    if base is None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown pipeline preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        base = config_to_dict(PRESETS[preset])
     try:
-        return config_from_dict(PipelineConfig, _merge(config_to_dict(PRESETS[preset]), overrides), where)
+        return config_from_dict(PipelineConfig, _merge(base, overrides), where)
     except ConfigError as error:
         raise UserError(str(error)) from None
 
@@ -261,7 +272,8 @@ class Stage:
 
     Attributes:
         name: the stage's name (``--stage NAME``, state entries, ``W/logs/NAME.log``).
-        module: the entry point run as ``python -m module arguments``; empty for the in-process report.
+        module: the entry point run as ``python -m module arguments`` (the report stage runs in this
+            process; its command is the one that reruns it on its own).
         arguments: its command-line arguments (paths under the work directory).
         output: a path the finished stage leaves behind; a stage recorded as done whose output is
             gone runs again.
@@ -277,8 +289,8 @@ class Stage:
     description: str
     needs: tuple[str, ...] = ()
 
-    def command(self, python: str = "python") -> list[str]:
-        return [python, "-m", self.module, *self.arguments]
+    def command(self) -> list[str]:
+        return ["python", "-m", self.module, *self.arguments]
 
 
 def _paths(workdir: str) -> dict[str, str]:
@@ -342,11 +354,11 @@ def build_stages(config: PipelineConfig, workdir: str) -> list[Stage]:
                              else (paths["tokens_train"], "tokenize"))
         arguments = _model_arguments(settings, data_path, paths[model], guided=model == "diffusion")
         stages.append(Stage(model, f"hypernets.{model}", arguments,
-                            os.path.join(paths[model], "samples", "samples-000000.parquet"),
+                            os.path.join(paths[model], SAMPLES_DIRECTORY, SAMPLES_SHARD),
                             f"train {model} ({settings.preset} preset"
                             + (f", {settings.steps} steps" if settings.steps else "")
                             + f"), sample {settings.num_samples} fields", (source,)))
-        arguments = ["--samples", os.path.join(paths[model], "samples"), "--reference", paths["fields_test"],
+        arguments = ["--samples", os.path.join(paths[model], SAMPLES_DIRECTORY), "--reference", paths["fields_test"],
                      "--train", paths["fields_train"], "--out", paths[f"{model}_eval"],
                      "--classifier-preset", evaluation.classifier_preset, "--grid-size", str(evaluation.grid_size),
                      "--baseline-count", str(evaluation.baseline_count)]
@@ -360,6 +372,12 @@ def build_stages(config: PipelineConfig, workdir: str) -> list[Stage]:
                         os.path.join(workdir, REPORT_NAME), "write report.md with figures",
                         tuple(stage.name for stage in stages)))
     return stages
+
+
+def check_stage_name(stages: list[Stage], name: str | None) -> None:
+    """One-line ``UserError`` when ``name`` (``--stage``; None: every stage) is not one of ``stages``."""
+    if name is not None and name not in {stage.name for stage in stages}:
+        raise UserError(f"unknown stage {name!r}; this config's stages: {', '.join(stage.name for stage in stages)}")
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -392,6 +410,11 @@ def is_done(stage: Stage, state: dict) -> bool:
     if entry.get("status") != "done" or not os.path.exists(stage.output):
         return False
     return all(entries.get(need, {}).get("sequence", 0) <= entry.get("sequence", 0) for need in stage.needs)
+
+
+def _wall_seconds(entry: dict) -> float:
+    """A stage's wall time over all its attempts (``seconds_before``: the earlier, unfinished ones)."""
+    return entry.get("seconds", 0.0) + entry.get("seconds_before", 0.0)
 
 
 def _now() -> str:
@@ -494,8 +517,7 @@ def run_pipeline(config: PipelineConfig, workdir: str, only: str | None = None,
         UserError: a stage failed (naming the stage and its log) or another run holds the work directory.
     """
     stages = build_stages(config, workdir)
-    if only is not None and only not in {stage.name for stage in stages}:
-        raise UserError(f"unknown stage {only!r}; this config's stages: {', '.join(stage.name for stage in stages)}")
+    check_stage_name(stages, only)
     with workdir_lock(workdir) as lock:
         state = read_state(workdir)
         total = time.perf_counter()
@@ -515,8 +537,7 @@ def run_pipeline(config: PipelineConfig, workdir: str, only: str | None = None,
             out(f"  $ {shlex.join(stage.command())}")
             entry = {"status": "running", "started": _now(), "log": log_path,
                      "command": shlex.join(stage.command()), "attempts": int(previous.get("attempts", 0)) + 1,
-                     "seconds_before": 0.0 if previous.get("status") in (None, "done") else
-                     float(previous.get("seconds_before", 0.0)) + float(previous.get("seconds", 0.0))}
+                     "seconds_before": 0.0 if previous.get("status") in (None, "done") else _wall_seconds(previous)}
             state["stages"][stage.name] = entry
             write_state(workdir, state)
             start = time.perf_counter()
@@ -587,7 +608,7 @@ CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
 
 def plot_curves(path: str, title: str, series: dict[str, tuple[list[float], list[float]]],
-                x_label: str = "step", y_label: str = "loss", size: tuple[int, int] = (720, 440)) -> None:
+                size: tuple[int, int] = (720, 440)) -> None:
     """A line plot PNG drawn with Pillow: ``series`` maps a legend name to ``(x values, y values)``
     (a series with one point is drawn as a dot)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -625,9 +646,9 @@ def plot_curves(path: str, title: str, series: dict[str, tuple[list[float], list
         draw.text((x - draw.textlength(label, font=font) / 2, height - bottom + 6), label, fill=(60, 60, 60),
                   font=font)
     draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    draw.text(((left + width - right) / 2 - draw.textlength(x_label, font=font) / 2, height - 24), x_label,
+    draw.text(((left + width - right) / 2 - draw.textlength("step", font=font) / 2, height - 24), "step",
               fill=(0, 0, 0), font=font)
-    draw.text((8, top - 18), y_label, fill=(0, 0, 0), font=font)
+    draw.text((8, top - 18), "loss", fill=(0, 0, 0), font=font)
     legend_y = top + 8
     for index, (name, (xs, ys)) in enumerate(series.items()):
         colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
@@ -671,8 +692,6 @@ def training_curves(rows: list[dict]) -> dict[str, tuple[list[float], list[float
 # ------------------------------------------------------------------------------------------ report
 
 
-
-
 def _read_json(path: str):
     try:
         with open(path) as handle:
@@ -683,8 +702,6 @@ def _read_json(path: str):
 
 def _mean_quality(fields_dir: str) -> tuple[int, float | None]:
     """``(fields, mean PSNR)`` of an encoded split, from its shards' ``psnr`` column."""
-    import glob
-
     import pyarrow.parquet as pq
 
     total, count = 0.0, 0
@@ -696,11 +713,11 @@ def _mean_quality(fields_dir: str) -> tuple[int, float | None]:
 
 
 def _copy_figure(source: str, workdir: str, name: str) -> str | None:
-    """Copies ``source`` to ``W/figures/name``; returns the path relative to ``W`` (None when absent)."""
+    """Copies ``source`` to ``W/figures/name`` (the folder exists); returns the path relative to ``W``
+    (None when absent)."""
     if not os.path.exists(source):
         return None
     target = os.path.join(workdir, FIGURE_DIRECTORY, name)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.copyfile(source, target)
     return os.path.relpath(target, workdir)
 
@@ -759,8 +776,9 @@ def write_report(workdir: str, config: PipelineConfig, state: dict, stages: list
                 except (KeyError, TypeError):
                     cells.append("n/a")
             lines.append(f"| {name} | " + " | ".join(cells) + " | novelty (pixel RMS) |")
-        counts = [f"{model}: {(evaluations[model].get('counts') or {}).get('samples', 'n/a')} samples vs "
-                  f"{(evaluations[model].get('counts') or {}).get('reference', 'n/a')} test fields" for model in models]
+        model_counts = {model: evaluations[model].get("counts") or {} for model in models}
+        counts = [f"{model}: {count.get('samples', 'n/a')} samples vs {count.get('reference', 'n/a')} test fields"
+                  for model, count in model_counts.items()]
         lines += ["", "Counts: " + "; ".join(counts) + ". Each model's full report: "
                   + ", ".join(f"`{model}_eval/eval.md`" for model in models) + ".", "",
                   "What the numbers mean: 1-NNA is the leave-one-out 1-nearest-neighbour accuracy of telling "
@@ -787,7 +805,7 @@ def write_report(workdir: str, config: PipelineConfig, state: dict, stages: list
             unit = " (nats per token)" if model == "autoregressive" else ""
             plot_curves(curve, f"{model}: loss vs step{unit}", series)
             figures.append(f"![{model}: training curve]({os.path.relpath(curve, workdir)})")
-        lines += [f"### {model}", "", *[f"{figure}" for figure in figures], ""]
+        lines += [f"### {model}", "", *figures, ""]
         if rows:
             last = rows[-1]
             lines += [f"Last logged step {int(last['step'])}: loss {_format(last.get('loss'))}"
@@ -798,23 +816,17 @@ def write_report(workdir: str, config: PipelineConfig, state: dict, stages: list
     lines += ["## Stages", "", "Wall time; CPU time (user + system, all threads) of the stage's process; the "
               "1-minute load average when it ended (other jobs on the machine slow the stages down).", "",
               "| stage | status | wall time | CPU time | load | command |", "|---|---|---|---|---|---|"]
-    for stage in stages:
+    for stage in stages:  # the report's own entry is still running: no times yet
         entry = state["stages"].get(stage.name, {})
-        if stage.name == "report":
-            status, seconds = "this report", None
-        else:
-            status, seconds = entry.get("status", "not run"), entry.get("seconds")
-            if isinstance(seconds, int | float) and entry.get("seconds_before"):
-                seconds = seconds + entry["seconds_before"]
-        wall = f"{seconds:.1f} s" if isinstance(seconds, int | float) else "-"
-        cpu = f"{entry['cpu_seconds']:.1f} s" if isinstance(entry.get("cpu_seconds"), int | float) else "-"
-        load = _format(entry.get("load_average")) if stage.name != "report" else "-"
+        status = "this report" if stage.name == "report" else entry.get("status", "not run")
+        wall = f"{_wall_seconds(entry):.1f} s" if "seconds" in entry else "-"
+        cpu = f"{entry['cpu_seconds']:.1f} s" if "cpu_seconds" in entry else "-"
+        load = _format(entry["load_average"]) if "load_average" in entry else "-"
         lines.append(f"| {stage.name} | {status} | {wall} | {cpu} | {load} | `{shlex.join(stage.command())}` |")
-    finished = [entry.get("seconds", 0.0) + entry.get("seconds_before", 0.0) for name, entry in state["stages"].items()
-                if name != "report" and entry.get("status") == "done"]
-    cpu_total = sum(entry.get("cpu_seconds", 0.0) for name, entry in state["stages"].items()
-                    if name != "report" and entry.get("status") == "done")
-    lines += ["", f"Total wall time of the finished stages: {sum(finished):.1f} s ({sum(finished) / 60:.1f} min), "
+    done = [entry for entry in state["stages"].values() if entry.get("status") == "done"]
+    wall_total = sum(_wall_seconds(entry) for entry in done)
+    cpu_total = sum(entry.get("cpu_seconds", 0.0) for entry in done)
+    lines += ["", f"Total wall time of the finished stages: {wall_total:.1f} s ({wall_total / 60:.1f} min), "
               f"CPU time {cpu_total:.0f} s, on {os.cpu_count()} CPU cores (load average at report time: "
               f"{', '.join(f'{value:.2f}' for value in os.getloadavg())}).", ""]
 
@@ -846,27 +858,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = args.workdir or os.path.join("runs", args.preset or "demo")
     saved_path = os.path.join(workdir, CONFIG_NAME)
-    saved = _read_json(saved_path) if os.path.exists(saved_path) else None
-    if os.path.exists(saved_path) and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+    saved = read_config_record(saved_path)
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
         raise UserError(f"{saved_path} is not a pipeline config; use another --workdir")
     overrides = read_overrides(args.config) if args.config else {}
     if args.preset is None and saved is not None:
         preset = saved.get("preset", "demo")
-        base = _merge(saved["config"], overrides)
-        try:
-            config = config_from_dict(PipelineConfig, base, CONFIG_NAME)
-        except ConfigError as error:
-            raise UserError(str(error)) from None
+        config = resolve_config(preset, overrides, CONFIG_NAME, base=saved["config"])
     else:
         preset = args.preset or "demo"
         config = resolve_config(preset, overrides, f"--config {args.config}: config" if args.config else "config")
     record = {"preset": preset, "config": config_to_dict(config)}
-    if saved is not None:
-        check_run_config(workdir, saved, record, ["preset"], holds="a pipeline run with a different config")
+    check_run_config(workdir, saved, record, ["preset"], holds="a pipeline run with a different config")
     stages = build_stages(config, workdir)
-    if args.stage is not None and args.stage not in {stage.name for stage in stages}:
-        raise UserError(f"unknown stage {args.stage!r}; this config's stages: "
-                        f"{', '.join(stage.name for stage in stages)}")
+    check_stage_name(stages, args.stage)
     if args.dry_run:
         print(f"# preset {preset}, work directory {workdir}")
         for number, stage in enumerate(stages, start=1):
