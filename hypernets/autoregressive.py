@@ -34,12 +34,7 @@ import numpy as np
 
 from fields.cli import ArgumentParser, UserError, prepare_workdir, run_main
 from fields.config import check_run_config, config_to_dict, config_to_json
-from hypernets.loop import (
-    LoopConfig,
-    add_distributed_arguments,
-    add_loop_arguments,
-    initialize_distributed_from_args,
-)
+from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.transformer import LOW_VOCAB, TokenTransformer, TransformerConfig
 from hypernets.objectives import autoregressive as objective_lib
 from hypernets.runs import (
@@ -256,8 +251,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample-batch-size", type=int, default=64, help="samples drawn at once (default 64)")
     parser.add_argument("--sample-only", action="store_true", help="sample from the newest checkpoint, no training")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_loop_arguments(parser)
-    add_distributed_arguments(parser)
+    add_loop_arguments(parser)  # with the multi-host arguments, joined in loop_overrides
     return parser
 
 
@@ -275,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     from hypernets.datasets import BatchStream, load_token_splits
 
     args = build_parser().parse_args(argv)
-    initialize_distributed_from_args(args)
     saved = read_saved_run(args.workdir, "autoregressive", "hypernets.autoregressive")
     if args.sample_only and saved is None:
         raise UserError(f"--sample-only: {args.workdir} holds no trained run (no {CONFIG_NAME})")

@@ -20,7 +20,7 @@ A model plugs in as a ``Task`` (``init`` and a pure ``loss``); ``train`` runs it
 Steps count completed updates: "step 3" is the state after the third update, and the loss logged at
 step 3 is the loss of the batch that update used.
 
-Multi-host: call ``initialize_distributed`` first in every process (see its docstring); each process
+Multi-host: every hypernet CLI joins the run (``fields.distributed``) in ``loop_overrides``; each process
 then feeds its slice of every global batch and the mesh spans all processes' devices.
 """
 
@@ -45,11 +45,7 @@ from tqdm.auto import tqdm
 from fields.checkpoint import Checkpointer
 from fields.cli import UserError, prepare_workdir
 from fields.config import config_to_dict
-from fields.distributed import (  # noqa: F401  (re-exported: the hypernet CLIs import them from here)
-    add_distributed_arguments,
-    initialize_distributed,
-    initialize_distributed_from_args,
-)
+from fields.distributed import add_distributed_arguments, initialize_distributed_from_args
 from fields.files import write_atomic
 from hypernets.datasets import BatchStream
 
