@@ -249,13 +249,13 @@ def make_image_renderer(data) -> Callable:
     """Differentiable renders of image fields: normalised vectors ``[B, P]`` laid out like ``data`` (a
     ``WeightData`` or ``DataInfo``) -> ``[B, height * width, channels]`` float32, clipped to [0, 1] as
     ``render_psnr``'s renders are (pure JAX, jittable; the hash grid's pure-JAX backend)."""
-    from fields.image_fitting import _pixel_positions, field_config_from_dict
+    from fields.image_fitting import _batch_renderer, field_config_from_dict
     from fields.weights import unflatten_params
+    from hypernets.rendering import image_size
 
     config = field_config_from_dict(data.field_kind, data.field_config, "autoencoder: field_config")
-    model = config.build("jax")
-    height, width = int(data.metadata["image_height"]), int(data.metadata["image_width"])
-    positions = _pixel_positions(jnp.arange(height * width, dtype=jnp.int32), height, width)
+    # render_batch's renderer (vmapped over fields, cached per config): inlined into the caller's jit.
+    apply = _batch_renderer(config, *image_size(data.metadata, "autoencoder"), "jax")
     mean, std = (jnp.asarray(values, jnp.float32) for values in data.normalization.column_stats(data.mode))
     param_map = list(data.param_map)
 
@@ -264,8 +264,7 @@ def make_image_renderer(data) -> Callable:
         lead = raw.shape[:-1]
         params = unflatten_params({entry.name: raw[..., entry.offset: entry.offset + entry.size].reshape(
             lead + tuple(entry.shape)) for entry in param_map})
-        outputs = jax.vmap(lambda field: model.apply({"params": field}, positions))(params)
-        return jnp.clip(outputs, 0.0, 1.0)
+        return jnp.clip(apply(params), 0.0, 1.0)
 
     return render
 

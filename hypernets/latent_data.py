@@ -59,8 +59,6 @@ class LatentSource:
         train, validation: the autoencoder's splits of its latents.
         mean, std: ``[D]`` float32 per-dimension standardisation (training latents).
         model: the ``TrainedAutoencoder`` (decodes latents to raw field weights).
-        fields: the description of the decoded fields (``field_kind``, ``field_config``, ``param_map``,
-            ``metadata``): the autoencoder's ``DataInfo``.
         step: the autoencoder's training step the latents come from.
     """
 
@@ -70,8 +68,13 @@ class LatentSource:
     mean: np.ndarray
     std: np.ndarray
     model: object
-    fields: object
     step: int
+
+    @property
+    def fields(self):
+        """The description of the decoded fields (``field_kind``, ``field_config``, ``param_map``, ``metadata``):
+        the autoencoder's ``DataInfo``."""
+        return self.model.data_info
 
     def to_fields(self, vectors: np.ndarray) -> np.ndarray:
         """Standardised latents ``[n, D]`` -> raw field weights ``[n, P]`` float32."""
@@ -112,11 +115,11 @@ def load_latent_source(workdir: str) -> LatentSource:
             that do not fit the autoencoder (different size or sections, bad split names).
     """
     from hypernets.autoencoder import LATENTS_DIRECTORY, load_autoencoder, read_latents
-    from hypernets.datasets import label_column
+    from hypernets.datasets import _source_ids, label_column
 
     if not os.path.isdir(workdir):
         raise UserError(f"--latents: autoencoder work directory not found: {workdir}")
-    model, _, _, data_info = load_autoencoder(workdir)
+    model = load_autoencoder(workdir)[0]
     where = os.path.join(workdir, LATENTS_DIRECTORY)
     latents, columns, metadata = read_latents(where)
     section_dims = metadata.get("section_latent_dims")
@@ -136,7 +139,7 @@ def load_latent_source(workdir: str) -> LatentSource:
         raise UserError(f"{where}: no training latents (every row is held out)")
     mean, std = _standardisation(metadata, latents, train_rows, where)
     labels = label_column(columns, len(latents))
-    source_ids = ["" if value is None else str(value) for value in columns.get("source_id", [""] * len(latents))]
+    source_ids = _source_ids(columns, len(latents))
     param_map = latent_param_map(section_dims)
     standardised = (latents - mean) / std
 
@@ -144,5 +147,5 @@ def load_latent_source(workdir: str) -> LatentSource:
         return LatentSplit(standardised[rows].astype(np.float32), labels[rows], [source_ids[row] for row in rows],
                            list(param_map))
 
-    return LatentSource(os.path.abspath(workdir), split(train_rows), split(val_rows), mean, std, model, data_info,
+    return LatentSource(os.path.abspath(workdir), split(train_rows), split(val_rows), mean, std, model,
                         int(metadata.get("step", -1)))

@@ -28,10 +28,11 @@ import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
-from scripts.bench_hypernets import encode, image_source, run, steps_for_budget
+from scripts.bench_hypernets import encode, image_source, run, train_and_evaluate
 
 
 def ground_truth(spec: str, source_ids: list[str], count: int) -> np.ndarray | None:
@@ -79,7 +80,7 @@ def measure_autoencoder(workdir: str, test_fields: str, test_spec: str, test_num
         drop = original_psnr - decoded_psnr
         report["ground_truth"] = {
             "original_field_psnr": float(np.mean(original_psnr)), "decoded_field_psnr": float(np.mean(decoded_psnr)),
-            "render_psnr_drop": float(np.mean(original_psnr) - np.mean(decoded_psnr)),
+            "render_psnr_drop": float(np.mean(drop)),
             "render_psnr_drop_median": float(np.median(drop)), "render_psnr_drop_p95": float(np.percentile(drop, 95)),
         }
     with open(os.path.join(workdir, "evaluation.json")) as handle:
@@ -129,27 +130,16 @@ def main() -> None:
 
     if models and args.diffusion_minutes > 0:
         latents = os.path.join(args.work, f"ae_{models[0]}")
-        arguments = ["--latents", latents, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"]
-        steps_file = os.path.join(args.work, "latent_diffusion_steps.json")
-        if os.path.exists(steps_file):
-            with open(steps_file) as handle:
-                steps = json.load(handle)["steps"]
-        else:
-            steps = steps_for_budget("hypernets.diffusion", arguments, os.path.join(args.work, "probe_diffusion"),
-                                     args.diffusion_minutes, args.probe_steps)
-            with open(steps_file, "w") as handle:
-                json.dump({"steps": steps, "minutes": args.diffusion_minutes}, handle)
-        workdir = os.path.join(args.work, "latent_diffusion")
-        seconds = run("hypernets.diffusion", *arguments, "--workdir", workdir, "--steps", str(steps),
-                      "--num-samples", str(args.num_samples))
-        out = os.path.join(args.work, "latent_diffusion_eval")
-        run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", test_fields,
-            "--train", train_fields, "--out", out, "--classifier-preset", args.classifier_preset, "--quiet")
-        with open(os.path.join(out, "eval.json")) as handle:
-            evaluation = json.load(handle)
-        report["latent_diffusion"] = {"autoencoder": latents, "steps": steps, "minutes": args.diffusion_minutes,
-                                      "train_and_sample_seconds": seconds, "num_samples": args.num_samples,
-                                      "eval": evaluation}
+        # bench_hypernets' stage: steps for the budget (probed once, kept in WORK/latent_diffusion_steps.json),
+        # training and sampling, hypernets.evaluate.
+        budget = types.SimpleNamespace(work=args.work, steps={}, minutes=args.diffusion_minutes,
+                                       probe_steps=args.probe_steps, num_samples=args.num_samples)
+        measured = train_and_evaluate(
+            "latent_diffusion", "hypernets.diffusion",
+            ["--latents", latents, "--preset", args.diffusion_preset, "--class-conditional", "--quiet"],
+            budget, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
+        report["latent_diffusion"] = {"autoencoder": latents, "minutes": args.diffusion_minutes,
+                                      "num_samples": args.num_samples, **measured}
     report["wall_seconds_this_run"] = time.perf_counter() - started
     with open(os.path.join(args.work, "report.json"), "w") as handle:
         json.dump(report, handle, indent=2)
