@@ -77,6 +77,7 @@ from hypernets.models.conditional_hypernet import (
     CONDITION_KEYS,
     CONDITION_KINDS,
     FIRST_WORD,
+    IMAGE_CHAINS,
     LAYOUT_HARMONICS,
     PAD_WORD,
     UNKNOWN_WORD,
@@ -87,7 +88,6 @@ from hypernets.models.conditional_hypernet import (
     count_parameters,
     denormalize,
     kernel_chains,
-    mlp_kernel_specs,
     tensor_specs,
     vector_to_field_params,
 )
@@ -438,12 +438,35 @@ def _string_column(columns: dict, name: str, count: int) -> list[str] | None:
     return values if len(values) == count and all(values) else None
 
 
-def _init_seeds(columns: dict, seeds: np.ndarray) -> np.ndarray:
-    """The ``init_seed`` column (``[N]`` int64), else each row's own seed (fields initialised from their seed)."""
-    if "init_seed" not in columns:
-        return seeds.copy()
-    values = np.asarray(columns["init_seed"], np.int64)
-    return np.where(values >= 0, values, seeds)
+def check_teacher_weights(dataset, path: str, what: str, chains: tuple[str, ...] | None = None) -> None:
+    """One-line ``UserError`` unless ``dataset`` holds at least two fields of finite weights laid out as an
+    Instant-NGP field (``kernel_chains``; with ``chains`` given, those MLP chains); ``what`` names the field."""
+    count = len(dataset)
+    if count < 2:
+        raise UserError(f"{path} holds {count} field(s); distillation needs at least 2")
+    total = param_count(dataset.param_map)
+    try:
+        found = kernel_chains(tensor_specs(dataset.param_map, np.zeros(total), np.ones(total)))
+        if chains is not None and len(found) != len(chains):
+            raise ValueError(f"{len(found)} MLP chain(s), expected {', '.join(chains)}")
+    except ValueError as error:
+        raise UserError(f"{path}: not an Instant-NGP {what} field layout ({error})") from None
+    finite = np.all(np.isfinite(dataset.matrix), axis=1)
+    if not np.all(finite):
+        raise UserError(f"{path}: {int(np.sum(~finite))} field(s) hold NaN or infinite weights "
+                        f"(first: row {int(np.flatnonzero(~finite)[0])})")
+
+
+def fit_columns(columns: dict, count: int, fit_config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps, seeds, init_seeds)``, each ``[N]`` int64, from the dataset's columns: unknown steps (absent or
+    <= 0) are ``fit_config``'s, unknown seeds (-1) the row number, unknown init seeds each row's own seed."""
+    rows = np.arange(count, dtype=np.int64)
+    steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
+    steps = np.where(steps > 0, steps, fit_config.steps)
+    seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else rows
+    seeds = np.where(seeds >= 0, seeds, rows)
+    init_seeds = np.asarray(columns["init_seed"], np.int64) if "init_seed" in columns else seeds
+    return steps, seeds, np.where(init_seeds >= 0, init_seeds, seeds)
 
 
 def load_teachers(path: str, backend: str, eval_views: int = 2) -> TeacherData:
@@ -468,17 +491,7 @@ def load_teachers(path: str, backend: str, eval_views: int = 2) -> TeacherData:
     field_config = field_config_from_dict(dataset.field_kind, dataset.field_config, f"{path}: field_config")
     height, width = image_size(dataset.metadata, path)
     count = len(dataset)
-    if count < 2:
-        raise UserError(f"{path} holds {count} field(s); distillation needs at least 2")
-    total = param_count(dataset.param_map)
-    try:
-        mlp_kernel_specs(tensor_specs(dataset.param_map, np.zeros(total), np.ones(total)))
-    except ValueError as error:
-        raise UserError(f"{path}: not an Instant-NGP image field layout ({error})") from None
-    finite = np.all(np.isfinite(dataset.matrix), axis=1)
-    if not np.all(finite):
-        raise UserError(f"{path}: {int(np.sum(~finite))} field(s) hold NaN or infinite weights "
-                        f"(first: row {int(np.flatnonzero(~finite)[0])})")
+    check_teacher_weights(dataset, path, "image", IMAGE_CHAINS)
     columns = dataset.columns
     source_ids = [str(value) for value in columns.get("source_id", [""] * count)]
     labels = np.asarray(columns["label"]).astype(np.int32) if "label" in columns else np.full(count, -1, np.int32)
@@ -501,13 +514,9 @@ def load_teachers(path: str, backend: str, eval_views: int = 2) -> TeacherData:
     else:
         layouts = None
     fit_config = stored_fit_config(dataset.metadata, path, dataset.field_kind, field_config, backend)
-    steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
-    steps = np.where(steps > 0, steps, fit_config.steps)
-    seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else np.arange(count, dtype=np.int64)
-    seeds = np.where(seeds >= 0, seeds, np.arange(count, dtype=np.int64))  # unknown seeds (-1): the row number
     return TeacherData(path, dataset.matrix, list(dataset.param_map), field_config, fit_config, height, width,
                        source_ids, labels, described("shape"), described("colour"), described("caption"), layouts,
-                       procedural, steps, seeds, _init_seeds(columns, seeds))
+                       procedural, *fit_columns(columns, count, fit_config))
 
 
 # ------------------------------------------------------------------------------------------- NeRF teachers
@@ -600,17 +609,10 @@ def load_nerf_teachers(dataset, path: str, backend: str, eval_views: int) -> Tea
     from fields.nerf_fitting import white_composite
 
     count = len(dataset)
-    if count < 2:
-        raise UserError(f"{path} holds {count} field(s); distillation needs at least 2")
-    finite = np.all(np.isfinite(dataset.matrix), axis=1)
-    if not np.all(finite):
-        raise UserError(f"{path}: {int(np.sum(~finite))} field(s) hold NaN or infinite weights "
-                        f"(first: row {int(np.flatnonzero(~finite)[0])})")
-    total = param_count(dataset.param_map)
+    check_teacher_weights(dataset, path, "NeRF")
     try:
-        kernel_chains(tensor_specs(dataset.param_map, np.zeros(total), np.ones(total)))
         field_config = config_from_dict(NeRFFieldConfig, dataset.field_config, f"{path}: field_config")
-    except (ValueError, ConfigError) as error:
+    except ConfigError as error:
         raise UserError(f"{path}: not an Instant-NGP NeRF field layout ({error})") from None
     fit_config = _nerf_fit_config(dataset.metadata, path, field_config, backend)
     source = str(dataset.metadata.get("source", ""))
@@ -639,21 +641,16 @@ def load_nerf_teachers(dataset, path: str, backend: str, eval_views: int) -> Tea
     views = min([eval_views] + [len(split) for split in test_splits])
     test_views = np.stack([white_composite(split.images[:views]) for split in test_splits]).astype(np.float32)
     labels = np.asarray(columns["label"]).astype(np.int32) if "label" in columns else np.full(count, -1, np.int32)
-    steps = np.asarray(columns["steps"], np.int64) if "steps" in columns else np.full(count, -1, np.int64)
-    steps = np.where(steps > 0, steps, fit_config.steps)
-    seeds = np.asarray(columns["seed"], np.int64) if "seed" in columns else np.arange(count, dtype=np.int64)
-    seeds = np.where(seeds >= 0, seeds, np.arange(count, dtype=np.int64))
     teachers = TeacherData(
         path, dataset.matrix, list(dataset.param_map), field_config, fit_config, test_splits[0].height,
-        test_splits[0].width, source_ids, labels, shapes, colours, captions, np.stack(layouts), None, steps, seeds,
-        _init_seeds(columns, seeds), NERF_KIND)
+        test_splits[0].width, source_ids, labels, shapes, colours, captions, np.stack(layouts), None,
+        *fit_columns(columns, count, fit_config), NERF_KIND)
     teachers.scenes = SceneViews(
         folders, np.stack([split.camera_to_world for split in train_splits]).astype(np.float32),
         np.stack([split.intrinsics for split in train_splits]).astype(np.float32), train_splits[0].height,
         train_splits[0].width, np.stack([split.camera_to_world[:views] for split in test_splits]).astype(np.float32),
         np.stack([split.intrinsics[:views] for split in test_splits]).astype(np.float32), test_views,
-        np.zeros((count, 0), np.uint8))
-    teachers.scenes.bitfields = nerf_grids(teachers.matrix, teachers)["bitfield"]
+        nerf_grids(teachers.matrix, teachers)["bitfield"])
     return teachers
 
 
@@ -661,33 +658,17 @@ def nerf_render_rays(model, params, bitfield: jax.Array, origins: jax.Array, dir
                      background: jax.Array, fit_config) -> jax.Array:
     """One NeRF's colours ``[R, 3]`` of rays ``origins, directions [R, 3]`` over ``background [R, 3]``.
 
-    The samples are those ``fields.nerf_fitting.march`` packs (``t_near + (k + 0.5) * step_size`` for
-    ``k < steps_per_diagonal``, before ``t_far``, in a cell marked in ``bitfield [cells / 8]``), kept unpacked
-    (``[R * steps_per_diagonal]`` with a validity mask) so that the function vmaps over fields; compositing
-    is ``fields.rendering.volume.composite_reference`` (early termination included). Differentiable in
-    ``params``.
+    ``fields.nerf_fitting.march`` and ``shade`` with the pure-JAX marcher and compositor (so that the function
+    vmaps over fields) and a sample budget of ``R * steps_per_diagonal``, which no ray can overflow: every
+    sample in a cell marked in ``bitfield [cells / 8]`` is shaded. Differentiable in ``params``.
     """
-    from fields.rendering import occupancy_grid, volume
+    from fields.nerf_fitting import march, shade
 
-    aabb = jnp.asarray(fit_config.aabb)
-    num_rays, num_steps = origins.shape[0], fit_config.steps_per_diagonal
-    step_size = jnp.float32(fit_config.step_size)
-    t_near, t_far = volume.intersect_aabb(origins, directions, aabb)
-    ts = t_near[:, None] + (jnp.arange(num_steps, dtype=jnp.float32) + jnp.float32(0.5)) * step_size  # [R, K]
-    positions = (origins[:, None, :] + directions[:, None, :] * ts[..., None]).reshape(-1, 3)
-    unit = volume.to_unit_cube(positions, aabb)
-    valid = (ts < t_far[:, None]).reshape(-1) & occupancy_grid.is_occupied(bitfield, unit,
-                                                                           fit_config.occupancy.resolution)
-    sample_directions = jnp.repeat(directions, num_steps, axis=0)
-    sigmas, rgbs = model.apply({"params": params}, jnp.clip(unit, 0.0, 1.0), sample_directions)
-    samples = volume.PackedSamples(
-        positions=positions, directions=sample_directions, ts=ts.reshape(-1),
-        dts=jnp.where(valid, step_size, jnp.float32(0.0)),
-        ray_indices=jnp.repeat(jnp.arange(num_rays, dtype=jnp.int32), num_steps), valid=valid,
-        num_samples=jnp.sum(valid, dtype=jnp.int32),
-        ray_counts=jnp.sum(valid.reshape(num_rays, num_steps), axis=1, dtype=jnp.int32))
-    colour, opacity, _ = volume.composite_reference(sigmas, rgbs, samples, num_rays)
-    return colour + (1.0 - opacity)[:, None] * background
+    config = dataclasses.replace(fit_config, backend="jax")
+    num_rays = origins.shape[0]
+    samples = march(origins, directions, bitfield, config, num_rays * config.steps_per_diagonal)
+    colour, _, _ = shade(model, params, samples, num_rays, config, background)
+    return colour
 
 
 def nerf_grid(model, params, fit_config) -> dict[str, jax.Array]:
@@ -740,17 +721,18 @@ def nerf_grids(matrix: np.ndarray, teachers: TeacherData) -> dict[str, np.ndarra
     return {name: np.asarray(value) for name, value in result.items()}
 
 
-def render_nerf_views(matrix: np.ndarray, teachers: TeacherData, cameras: np.ndarray,
-                      intrinsics: np.ndarray) -> np.ndarray:
+def render_nerf_views(matrix: np.ndarray, teachers: TeacherData, cameras: np.ndarray, intrinsics: np.ndarray,
+                      bitfields: np.ndarray | None = None) -> np.ndarray:
     """NeRF weights ``[n, P]`` rendered (each with its rebuilt occupancy grid, over white) at their own views
-    ``cameras [n, V, 4, 4]``, ``intrinsics [n, V, 4]`` -> ``[n, V, H, W, 3]`` in [0, 1] (``H, W``: the test views')."""
+    ``cameras [n, V, 4, 4]``, ``intrinsics [n, V, 4]`` -> ``[n, V, H, W, 3]`` in [0, 1] (``H, W``: the test views').
+    ``bitfields [n, cells / 8]``: those grids when already known (``nerf_grids`` of ``matrix``)."""
     from fields.nerf_fitting import pixel_rays
 
     matrix = jnp.asarray(matrix, jnp.float32)
     count, num_views = cameras.shape[:2]
     height, width = teachers.height, teachers.width
     grids, render = _nerf_functions(teachers.fit_config, tuple(teachers.param_map))
-    bitfields = grids(matrix)["bitfield"]
+    bitfields = grids(matrix)["bitfield"] if bitfields is None else jnp.asarray(bitfields)
     pixels = np.arange(num_views * height * width)
     view_index, pixel = pixels // (height * width), pixels % (height * width)
     view_index, cols, rows = (jnp.asarray(values, jnp.int32) for values in (view_index, pixel % width, pixel // width))
@@ -1101,27 +1083,20 @@ def make_evaluate(task: ConditionalTask, teachers: TeacherData, conditions: Cond
 def initial_weights(fit_config, pmap: list[ParamEntry], seeds: np.ndarray) -> np.ndarray:
     """Fresh field initialisations ``[n, P]``, each as ``fields.image_fitting.fit_image`` (or, for a
     ``NeRFFitConfig``, ``fields.nerf_fitting.initial_state``) draws it for its seed."""
+    from fields.training import split_seed_keys
+
     if hasattr(fit_config, "occupancy"):
         from fields.models.nerf import NeRFField
 
-        nerf = NeRFField(fit_config.field, backend=fit_config.backend)
-        positions = jnp.zeros((1, 3), jnp.float32)
-        directions = jnp.ones((1, 3), jnp.float32) / jnp.float32(math.sqrt(3.0))
-        init_nerf = jax.jit(jax.vmap(lambda seed: nerf.init(jax.random.PRNGKey(seed), positions, directions)["params"]))
-        return stacked_params_to_matrix(init_nerf(jnp.asarray(np.asarray(seeds, np.int64) % (1 << 32), jnp.uint32)),
-                                        pmap)
-    model = fit_config.field.build(fit_config.backend)
-    dummy = jnp.zeros((1, 2), jnp.float32)
-
-    @jax.jit
-    def init(seed_values):
-        def one(seed):
-            init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
-            return model.init(init_key, dummy)["params"]
-
-        return jax.vmap(one)(seed_values)
-
-    return stacked_params_to_matrix(init(jnp.asarray(seeds, jnp.uint32)), pmap)
+        model = NeRFField(fit_config.field, backend=fit_config.backend)
+        inputs = (jnp.zeros((1, 3), jnp.float32), jnp.ones((1, 3), jnp.float32) / jnp.float32(math.sqrt(3.0)))
+        keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.int64) % (1 << 32), jnp.uint32))
+    else:
+        model = fit_config.field.build(fit_config.backend)
+        inputs = (jnp.zeros((1, 2), jnp.float32),)
+        keys, _ = split_seed_keys(seeds, None, len(seeds), "field")
+    params = jax.jit(jax.vmap(lambda key: model.init(key, *inputs)["params"]))(keys)
+    return stacked_params_to_matrix(params, pmap)
 
 
 @dataclasses.dataclass
@@ -1158,7 +1133,7 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
         check_every: steps between PSNR checks.
     """
     from fields.image_fitting import _compiled_batch_functions, render_batch
-    from fields.training import make_optimizer
+    from fields.training import make_optimizer, split_seed_keys
 
     count, height, width, channels = images.shape
     max_steps = np.asarray(max_steps, np.int64)
@@ -1169,8 +1144,7 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
     params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(np.asarray(start, np.float32), pmap))
     opt_state = jax.vmap(make_optimizer(schedule_config).init)(params)
     pixels = jnp.asarray(images.reshape(count, height * width, channels), jnp.float32)
-    sample_keys = jax.vmap(lambda seed: jax.random.split(jax.random.PRNGKey(seed))[1])(
-        jnp.asarray(seeds, jnp.uint32))
+    _, sample_keys = split_seed_keys(seeds, None, count, "field")
     target_psnr = np.asarray(target_psnr, np.float64)
 
     def current_psnr(values) -> np.ndarray:
@@ -1242,11 +1216,12 @@ def nerf_retrieval_baselines(teachers: TeacherData, train_rows: np.ndarray, held
     """``retrieval_baselines`` for NeRFs: every training teacher rendered at each held-out scene's test cameras."""
     mean_psnr, nearest_psnr = [], []
     scenes = teachers.scenes
+    count = len(train_rows)
     for slot, row in enumerate(held_rows):
-        count = len(train_rows)
         cameras = np.repeat(scenes.test_cameras[row][None], count, axis=0)
         intrinsics = np.repeat(scenes.test_intrinsics[row][None], count, axis=0)
-        renders = render_nerf_views(teachers.matrix[train_rows], teachers, cameras, intrinsics).astype(np.float64)
+        renders = render_nerf_views(teachers.matrix[train_rows], teachers, cameras, intrinsics,
+                                    scenes.bitfields[train_rows]).astype(np.float64)
         reference = references[slot][None]
         mean_psnr.append(field_psnr(reference, renders.mean(axis=0, keepdims=True))[0])
         nearest_psnr.append(field_psnr(np.repeat(reference, count, axis=0), renders).max())

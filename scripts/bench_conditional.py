@@ -25,6 +25,7 @@ import platform
 import time
 
 from fields.cli import ArgumentParser, run_main
+from fields.config import read_config_record
 from fields.files import write_json
 
 PARTS = ("image", "nerf")
@@ -49,26 +50,29 @@ SUMMARY_KEYS = ("num_training", "num_held_out", "num_evaluated", "reference", "m
 
 def _finished_report(workdir: str) -> dict | None:
     """``W/zero_shot.json`` of a finished run (its step is the run's configured step count), else None."""
-    path = os.path.join(workdir, "zero_shot.json")
-    config_path = os.path.join(workdir, "config.json")
-    if not (os.path.exists(path) and os.path.exists(config_path)):
+    report = read_config_record(os.path.join(workdir, "zero_shot.json"))
+    config = read_config_record(os.path.join(workdir, "config.json"))
+    if report is None or config is None:
         return None
-    with open(path) as handle:
-        report = json.load(handle)
-    with open(config_path) as handle:
-        steps = json.load(handle)["conditional"]["loop"]["steps"]
+    steps = config["conditional"]["loop"]["steps"]
     return report if report.get("step") == steps and report.get("num_evaluated") else None
 
 
-def _conditional(argv: list[str], workdir: str) -> tuple[dict, float]:
-    """Runs ``hypernets.conditional`` (unless its zero-shot report is finished); ``(report, seconds)``."""
+def _command(module: str, argv: list[str]) -> str:
+    return f"python -m {module} " + " ".join(argv)
+
+
+def _conditional(argv: list[str]) -> tuple[dict, float]:
+    """Runs ``hypernets.conditional argv`` (unless the zero-shot report of its ``--workdir``, the last two
+    arguments, is finished); ``(report, seconds)``."""
     from hypernets import conditional
 
     start = time.perf_counter()
+    workdir = argv[-1]
     report = _finished_report(workdir)
     if report is None:
-        print("python -m hypernets.conditional " + " ".join(argv + ["--workdir", workdir]), flush=True)
-        conditional.main(argv + ["--workdir", workdir, "--quiet"])
+        print(_command("hypernets.conditional", argv), flush=True)
+        conditional.main(argv + ["--quiet"])
         report = _finished_report(workdir)
     return report, time.perf_counter() - start
 
@@ -85,10 +89,10 @@ def _summary(report: dict, command: str, seconds: float) -> dict:
 
 
 def image_part(root: str) -> dict:
-    argv = ["--make-teachers", str(IMAGE_TEACHERS), "--size", str(IMAGE_SIZE), "--preset", IMAGE_PRESET]
-    workdir = os.path.join(root, "image")
-    report, seconds = _conditional(argv, workdir)
-    return _summary(report, "python -m hypernets.conditional " + " ".join(argv + ["--workdir", workdir]), seconds)
+    argv = ["--make-teachers", str(IMAGE_TEACHERS), "--size", str(IMAGE_SIZE), "--preset", IMAGE_PRESET,
+            "--workdir", os.path.join(root, "image")]
+    report, seconds = _conditional(argv)
+    return _summary(report, _command("hypernets.conditional", argv), seconds)
 
 
 def nerf_part(root: str) -> dict:
@@ -104,16 +108,15 @@ def nerf_part(root: str) -> dict:
     encode_argv = ["--source", f"scenes:{scenes}", "--out", fields_dir, "--preset", NERF_FIELD_PRESET, "--steps",
                    str(NERF_FIELD_STEPS), "--fields-per-batch", "16", "--eval-views", str(NERF_TEST_VIEWS), "--quiet"]
     workdir = os.path.join(root, "nerf")
+    argv = ["--data", fields_dir, "--preset", NERF_PRESET, "--workdir", workdir]
+    commands = [_command("scripts.make_scenes", scene_argv), _command("fields.encode_dataset", encode_argv)]
     if _finished_report(workdir) is None:
-        print("python -m scripts.make_scenes " + " ".join(scene_argv), flush=True)
+        print(commands[0], flush=True)
         make_scenes.main(scene_argv)
-        print("python -m fields.encode_dataset " + " ".join(encode_argv), flush=True)
+        print(commands[1], flush=True)
         encode_dataset.main(encode_argv)
-    argv = ["--data", fields_dir, "--preset", NERF_PRESET]
-    report, _ = _conditional(argv, workdir)
-    command = " && ".join(["python -m scripts.make_scenes " + " ".join(scene_argv),
-                           "python -m fields.encode_dataset " + " ".join(encode_argv),
-                           "python -m hypernets.conditional " + " ".join(argv + ["--workdir", workdir])])
+    report, _ = _conditional(argv)
+    command = " && ".join(commands + [_command("hypernets.conditional", argv)])
     return _summary(report, command, time.perf_counter() - start)
 
 
@@ -136,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.workdir, "bench_conditional.json")
 
     def read_results() -> dict:  # re-read before each write: the parts may run as separate processes
-        if not os.path.exists(path):
-            return {}
-        with open(path) as handle:
-            return json.load(handle)
+        return read_config_record(path) or {}
 
     for part in parts:
         summary = image_part(args.workdir) if part == "image" else nerf_part(args.workdir)

@@ -47,6 +47,12 @@ def teachers(trained_run):
     return conditional.load_teachers(path, "jax")
 
 
+def weight_block(param_map, vectors, name):
+    """The ``name`` tensor's columns ``[n, size]`` of weight vectors ``[n, P]`` laid out by ``param_map``."""
+    entry = next(entry for entry in param_map if entry.name == name)
+    return np.asarray(vectors[:, entry.offset:entry.offset + entry.size])
+
+
 def read_history(workdir):
     with open(os.path.join(workdir, "history.jsonl")) as handle:
         return [json.loads(line) for line in handle if line.strip()]
@@ -168,11 +174,9 @@ def test_dynamic_variant_generates_layers_from_the_previous_layers_activations(t
     changed = jax.tree_util.tree_map(lambda x: x, params)
     changed["layer_0_out"]["bias"] = params["layer_0_out"]["bias"] + jnp.float32(0.5)
     _, after = generate(changed, inputs)
-    pieces = {entry.name: entry for entry in teachers.param_map}
 
     def block(vectors, name):
-        entry = pieces[name]
-        return np.asarray(vectors[:, entry.offset:entry.offset + entry.size])
+        return weight_block(teachers.param_map, vectors, name)
 
     np.testing.assert_array_equal(block(before, "hash_table"), block(after, "hash_table"))
     assert not np.allclose(block(before, "mlp/dense_0/kernel"), block(after, "mlp/dense_0/kernel"))
@@ -381,11 +385,9 @@ def test_generated_nerf_weights_have_the_teachers_param_map(nerf_teachers, varia
         changed = jax.tree_util.tree_map(lambda x: x, params)
         changed["layer_0_out"]["bias"] = params["layer_0_out"]["bias"] + jnp.float32(0.5)
         _, after = jax.jit(task.generate)(changed, conditional.condition_inputs(batch))
-        entries = {entry.name: entry for entry in nerf_teachers.param_map}
 
         def block(vectors, name):
-            entry = entries[name]
-            return np.asarray(vectors[:, entry.offset:entry.offset + entry.size])
+            return weight_block(nerf_teachers.param_map, vectors, name)
 
         np.testing.assert_array_equal(block(raw, "hash_table"), block(after, "hash_table"))
         assert not np.allclose(block(raw, "density_mlp/dense_1/kernel"), block(after, "density_mlp/dense_1/kernel"))

@@ -68,7 +68,6 @@ LAYOUT_FEATURES = 3 + 2 * LAYOUT_HARMONICS
 # Batch keys of the condition inputs (only those of the configured kind are present).
 CONDITION_KEYS = ("labels", "shape_ids", "colour_ids", "words", "text_embedding", "layout")
 HASH_TABLE_NAME = "hash_table"
-_KERNEL_NAME = re.compile(r"^mlp/dense_(\d+)/kernel$")
 _CHAIN_KERNEL_NAME = re.compile(r"^(\w+)/dense_(\d+)/kernel$")
 # The MLP chains of each supported field, in evaluation order.
 IMAGE_CHAINS = ("mlp",)
@@ -148,30 +147,6 @@ def vector_to_field_params(vector: jax.Array, specs: Sequence[TensorSpec]) -> di
             node = node.setdefault(parent, {})
         node[leaf] = vector[spec.offset:spec.offset + spec.size].reshape(spec.shape)
     return params
-
-
-def mlp_kernel_specs(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
-    """The field MLP's kernels in layer order (``mlp/dense_k/kernel``).
-
-    Raises:
-        ValueError: the param map is not an Instant-NGP image field's (one ``hash_table`` tensor in
-            section ``hash``; every other tensor ``mlp/dense_k/kernel`` with consecutive ``k``).
-    """
-    hash_specs = [spec for spec in specs if spec.section == "hash"]
-    if len(hash_specs) != 1 or hash_specs[0].name != HASH_TABLE_NAME or len(hash_specs[0].shape) != 2:
-        raise ValueError("expected exactly one 'hash_table' tensor [entries, features] in section 'hash'")
-    layers = []
-    for spec in specs:
-        if spec.section == "hash":
-            continue
-        match = _KERNEL_NAME.match(spec.name)
-        if match is None or len(spec.shape) != 2:
-            raise ValueError(f"unexpected tensor {spec.name!r} {spec.shape}: expected mlp/dense_k/kernel matrices")
-        layers.append((int(match.group(1)), spec))
-    layers.sort(key=lambda item: item[0])
-    if [index for index, _ in layers] != list(range(len(layers))) or not layers:
-        raise ValueError("the MLP kernels must be mlp/dense_0/kernel ... mlp/dense_K/kernel")
-    return [spec for _, spec in layers]
 
 
 def kernel_chains(specs: Sequence[TensorSpec]) -> list[list[TensorSpec]]:
