@@ -328,7 +328,7 @@ class BatchFitResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fields: int, height: int, width: int,
+def compiled_batch_functions(config: ImageTrainingConfig, field_config, num_fields: int, height: int, width: int,
                               sharding: FieldSharding = ONE_DEVICE):
     """``(init(keys [N, 2]) -> (params, opt_state), compiled train chunk)`` for ``num_fields`` fields
     (a multiple of ``sharding``'s device count), cached so that successive batches of one shape
@@ -374,7 +374,7 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
     pixels = np.asarray(images, np.float32).reshape(num_fields, height * width, channels)
     pixels, init_keys, sample_keys = sharding.place(sharding.pad((pixels, init_keys, sample_keys), num_fields))
     compile_start = time.perf_counter()
-    init, compiled = _compiled_batch_functions(config, field_config, sharding.padded(num_fields), height, width,
+    init, compiled = compiled_batch_functions(config, field_config, sharding.padded(num_fields), height, width,
                                                sharding)
     params, opt_state = sharding.place(init(init_keys))
     compile_seconds = time.perf_counter() - compile_start
@@ -390,7 +390,10 @@ def fit_image_batch(images: np.ndarray, config: ImageTrainingConfig, seeds: Sequ
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_renderer(field_config, height: int, width: int, backend: str):
+def batch_renderer(field_config, height: int, width: int, backend: str):
+    """``render(params with a leading field axis) -> [N, height * width, channels]``: jitted and
+    vmapped over fields, cached per config, size and backend (also traced inside other jits, e.g.
+    the autoencoder's render loss)."""
     model = field_config.build(backend)
     positions = _pixel_positions(jnp.arange(height * width, dtype=jnp.int32), height, width)
     return jax.jit(jax.vmap(lambda p: model.apply({"params": p}, positions)))
@@ -398,7 +401,7 @@ def _batch_renderer(field_config, height: int, width: int, backend: str):
 
 def render_batch(params, field_config, height: int, width: int, backend: str = "auto") -> np.ndarray:
     """Renders fields with a leading axis: params leaves ``[N, ...]`` -> ``[N, height, width, channels]``."""
-    outputs = _batch_renderer(field_config, height, width, backend)(params)
+    outputs = batch_renderer(field_config, height, width, backend)(params)
     return np.clip(np.asarray(outputs), 0.0, 1.0).reshape(-1, height, width, field_config.output_dim)
 
 

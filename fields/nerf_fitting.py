@@ -326,7 +326,7 @@ class NeRFBatchResult:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple, sharding: FieldSharding):
+def compiled_nerf_batch(config: NeRFFitConfig, structure, leaf_shapes: tuple, sharding: FieldSharding):
     """The compiled ``jax.vmap`` of ``make_train_chunk`` for batches whose ``(state, data)`` has the tree
     ``structure`` and ``leaf_shapes`` (``((shape, dtype), ...)``; a field count that divides over
     ``sharding``'s devices), cached so that successive batches of one shape compile once."""
@@ -375,7 +375,7 @@ def fit_nerf_batch(scenes, config: NeRFFitConfig, seeds, max_eval_views: int | N
     state, data, keys = sharding.place(sharding.pad((state, data, keys), num_fields))
     compile_start = time.perf_counter()
     leaves, structure = jax.tree_util.tree_flatten((state, data))
-    compiled = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
+    compiled = compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
                                     sharding)
     compile_seconds = time.perf_counter() - compile_start
 

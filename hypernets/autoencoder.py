@@ -249,13 +249,13 @@ def make_image_renderer(data) -> Callable:
     """Differentiable renders of image fields: normalised vectors ``[B, P]`` laid out like ``data`` (a
     ``WeightData`` or ``DataInfo``) -> ``[B, height * width, channels]`` float32, clipped to [0, 1] as
     ``render_psnr``'s renders are (pure JAX, jittable; the hash grid's pure-JAX backend)."""
-    from fields.image_fitting import _batch_renderer, field_config_from_dict
+    from fields.image_fitting import batch_renderer, field_config_from_dict
     from fields.weights import unflatten_params
     from hypernets.rendering import image_size
 
     config = field_config_from_dict(data.field_kind, data.field_config, "autoencoder: field_config")
     # render_batch's renderer (vmapped over fields, cached per config): inlined into the caller's jit.
-    apply = _batch_renderer(config, *image_size(data.metadata, "autoencoder"), "jax")
+    apply = batch_renderer(config, *image_size(data.metadata, "autoencoder"), "jax")
     mean, std = (jnp.asarray(values, jnp.float32) for values in data.normalization.column_stats(data.mode))
     param_map = list(data.param_map)
 

@@ -1132,7 +1132,7 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
         seeds: ``[n]`` pixel-sampling seeds.
         check_every: steps between PSNR checks.
     """
-    from fields.image_fitting import _compiled_batch_functions, render_batch
+    from fields.image_fitting import compiled_batch_functions, render_batch
     from fields.training import make_optimizer, split_seed_keys
 
     count, height, width, channels = images.shape
@@ -1140,7 +1140,7 @@ def finetune_steps(start: np.ndarray, images: np.ndarray, target_psnr: np.ndarra
     horizon = int(max_steps.max())
     schedule_config = dataclasses.replace(fit_config, steps=horizon)
     # Cached: the runs from generated and from fresh weights share one compiled chunk (params and state donated).
-    _, train_chunk = _compiled_batch_functions(schedule_config, fit_config.field, count, height, width)
+    _, train_chunk = compiled_batch_functions(schedule_config, fit_config.field, count, height, width)
     params = jax.tree_util.tree_map(jnp.asarray, matrix_to_params(np.asarray(start, np.float32), pmap))
     opt_state = jax.vmap(make_optimizer(schedule_config).init)(params)
     pixels = jnp.asarray(images.reshape(count, height * width, channels), jnp.float32)
@@ -1172,7 +1172,7 @@ def finetune_nerf_steps(start: np.ndarray, rows: np.ndarray, teachers: TeacherDa
     the start weights imply (``nerf_grid``); every ``check_every`` steps the fields are rendered at the test
     views (``render_rows``) and counted when they reach ``target_psnr [n]``; caps ``max_steps [n]``; ray
     sampling seeds ``seeds [n]``."""
-    from fields.nerf_fitting import _compiled_nerf_batch, scene_arrays
+    from fields.nerf_fitting import compiled_nerf_batch, scene_arrays
     from fields.training import FieldSharding, make_optimizer
 
     rows = np.asarray(rows, np.int64)
@@ -1188,7 +1188,7 @@ def finetune_nerf_steps(start: np.ndarray, rows: np.ndarray, teachers: TeacherDa
     data = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *[scene_arrays(split) for split in splits])
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(int(seed) % (1 << 32)), 1) for seed in seeds])
     leaves, structure = jax.tree_util.tree_flatten((state, data))
-    train_chunk = _compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
+    train_chunk = compiled_nerf_batch(config, structure, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves),
                                        FieldSharding())  # one device
     references = teachers.references(rows)
     target_psnr = np.asarray(target_psnr, np.float64)
