@@ -1,6 +1,6 @@
 """The whole pipeline on one command: data -> fields -> tokens -> hypernets -> samples -> evaluation -> report.
 
-    python -m hypernets.pipeline --preset demo                      # runs/demo; 805 s of CPU time
+    python -m hypernets.pipeline --preset demo                      # runs/demo; ~8 min on 2 idle cores
     python -m hypernets.pipeline --preset research --workdir runs/research --config overrides.json
     python -m hypernets.pipeline --workdir runs/demo --dry-run      # print every stage's command
     python -m hypernets.pipeline --workdir runs/demo --stage report # (re)run one stage on its own
@@ -194,9 +194,10 @@ PRESETS: dict[str, PipelineConfig] = {
         evaluate=EvaluationConfig(classifier_preset="tiny", classifier_steps=40, grid_size=8, baseline_count=8)),
     # `make demo`: 1,024 + 256 fields of 28x28 primitives (ngp_image "small", ~1.6k weights each), a
     # class-conditional DiT ("cpu", 800 steps) and a small token transformer ("cpu", 100 steps),
-    # 64 samples each (diffusion at guidance 3), evaluated with the "small" classifier. Measured: 12.5
-    # minutes (805 s CPU) on 2 cores with one other job running; samples are coloured blobs, 1-NNA 77%
-    # (diffusion) / 82% (autoregressive) on 64 vs 64, 50% being ideal, none memorised.
+    # 64 samples each (diffusion at guidance 3), evaluated with the "small" classifier. Measured on 2 idle
+    # cores: 7.7 minutes of stages (8 min 47 s for make demo on a fresh clone, install included); samples
+    # are coloured blobs, 1-NNA 77% (diffusion) / 82% (autoregressive) on 64 vs 64, 50% being ideal, none
+    # memorised.
     #   python -m hypernets.pipeline --preset demo --workdir runs/demo
     "demo": PipelineConfig(
         data=DataConfig(train_num=1024, test_num=256),
