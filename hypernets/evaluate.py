@@ -216,15 +216,20 @@ def noisy_copies(matrix: np.ndarray, column_std: np.ndarray, sigma: float, rng: 
 
 
 def feature_report(config: EvaluateConfig, out: str, reference: Renders, reference_labels: np.ndarray,
-                   samples: Renders, sample_labels: np.ndarray) -> tuple[dict, dict]:
+                   samples: Renders, sample_labels: np.ndarray, train: Renders | None = None,
+                   train_labels: np.ndarray | None = None) -> tuple[dict, dict]:
     """Image features (classifier or fallback), FD, precision/recall and the class-conditional accuracy.
+
+    With labelled ``train`` renders (fields the classifier never saw), also the classifier's accuracy on
+    them: real data's class accuracy, the ceiling that the samples' class accuracy is read against.
 
     Returns:
         ``(features description, metric values)``.
     """
     labelled = reference_labels >= 0
     classes = np.unique(reference_labels[labelled])
-    values: dict = {"fd": None, "precision": None, "recall": None, "conditional_accuracy": None}
+    values: dict = {"fd": None, "precision": None, "recall": None, "conditional_accuracy": None,
+                    "train_class_accuracy": None}
     if len(classes) >= 2:
         num_classes = int(reference_labels.max()) + 1
         classifier = load_or_train(os.path.join(out, "classifier"), reference.values[labelled],
@@ -246,6 +251,11 @@ def feature_report(config: EvaluateConfig, out: str, reference: Renders, referen
         if sample_labelled.any():
             predicted = np.argmax(sample_logits, axis=1)[sample_labelled]
             values["conditional_accuracy"] = float(np.mean(predicted == sample_labels[sample_labelled]))
+        if train is not None and train_labels is not None and (train_labels >= 0).any():
+            train_labelled = train_labels >= 0
+            train_logits, _ = classifier.apply(train.values[train_labelled])
+            values["train_class_accuracy"] = float(np.mean(np.argmax(train_logits, axis=1)
+                                                           == train_labels[train_labelled]))
     else:
         reference_features, description = fallback_features(reference.values, seed=config.seed)
         sample_features, _ = fallback_features(samples.values, seed=config.seed)
@@ -361,13 +371,15 @@ def evaluate(config: EvaluateConfig, out: str, inputs: Inputs | None = None, pro
         "1nna_samples": one_nna["accuracy_samples"],
         "1nna_reference": one_nna["accuracy_reference"],
         "1nna_set_size": one_nna["set_size"],
-        "fd": None, "precision": None, "recall": None, "conditional_accuracy": None,
+        "fd": None, "precision": None, "recall": None, "conditional_accuracy": None, "train_class_accuracy": None,
     }
     sample_labels = label_column(samples.columns, len(samples))
     reference_labels = label_column(reference.columns, len(reference))
     if kind == "image":
+        unseen_train = train_renders if train is not None and not same_data else None
+        train_labels = label_column(train.columns, len(train)) if unseen_train is not None else None
         features, feature_values = feature_report(config, out, reference_renders, reference_labels, sample_renders,
-                                                  sample_labels)
+                                                  sample_labels, unseen_train, train_labels)
         values.update(feature_values)
     else:
         features = {"kind": None, "dim": 0,

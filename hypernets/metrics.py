@@ -342,6 +342,8 @@ METRIC_ROWS = (
     ("precision", "precision", True, "samples inside the reference feature manifold"),
     ("recall", "recall", True, "reference inside the sample feature manifold"),
     ("conditional_accuracy", "class accuracy", True, "labelled samples classified as their label"),
+    ("train_class_accuracy", "class accuracy of train fields", True,
+     "the same classifier on the labelled train fields (real data it never saw): the ceiling for the line above"),
 )
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -223,6 +224,7 @@ def test_evaluate_fields_against_themselves(image_fields, tmp_path, capsys):
     assert values["fd"] == pytest.approx(0.0, abs=1e-4)
     assert values["precision"] == 1.0 and values["recall"] == 1.0
     assert 0.0 <= values["conditional_accuracy"] <= 1.0
+    assert values["train_class_accuracy"] is None  # the train fields are the classifier's own data here
     assert report["features"]["kind"] == "classifier" and not report["features"]["classifier_cached"]
     # Novelty: samples are the training fields; the noisy copies are measurably farther away.
     assert novelty["samples_to_train"]["max"] == pytest.approx(0.0, abs=1e-6)
@@ -245,6 +247,22 @@ def test_evaluate_fields_against_themselves(image_fields, tmp_path, capsys):
     assert os.stat(os.path.join(out, "classifier", "params.msgpack")).st_mtime_ns == params_time
     status, _, stderr = run_entry_point(main, argv + ["--grid-size", "4"], capsys)
     assert_one_line_error(status, stderr, "other settings (grid_size: 16 there, 4 now); use another --out")
+
+
+def test_class_accuracy_of_train_fields_the_classifier_never_saw(image_fields, tmp_path, capsys):
+    # A copy of the reference under another path stands in for unseen train fields: the classifier's
+    # accuracy on them must equal its accuracy on the reference renders it was trained on.
+    train = str(tmp_path / "train")
+    shutil.copytree(image_fields, train)
+    out = str(tmp_path / "eval")
+    argv = ["--samples", image_fields, "--reference", image_fields, "--train", train, "--out", out, *EVAL_FLAGS]
+    status, stdout, stderr = run_entry_point(main, argv, capsys)
+    assert status == 0, stderr
+    with open(os.path.join(out, "eval.json")) as handle:
+        report = json.load(handle)
+    assert report["metrics"]["train_class_accuracy"] == pytest.approx(report["features"]["classifier_train_accuracy"])
+    with open(os.path.join(out, "eval.md")) as handle:
+        assert "| class accuracy of train fields |" in handle.read()
 
 
 def test_evaluate_without_labels_or_train_uses_a_random_projection(image_fields, tmp_path, capsys):
