@@ -113,8 +113,8 @@ PRESETS: dict[str, AutoregressiveConfig] = {
                         checkpoint_every=2),
         width=32, depth=1, num_heads=2, mlp_ratio=2, num_samples=4, val_fraction=0.2),
     # Primitives at 28x28 (ngp_image "small" fields, ~1.6k weights = ~1.6k fp8 tokens), one GPU.
-    # Expected: validation loss well below log(256) = 5.5 nats/token and samples.png showing
-    # primitive-like images; not yet measured.
+    # Expected (not measured: it needs a GPU and none has been lent): validation loss well below
+    # log(256) = 5.5 nats/token and at least the demo's 100 "cpu" steps on these fields (1-NNA 82%, 64 vs 64).
     #   python -m fields.encode_dataset --source procedural:primitives --num 1024 --out data/fields/primitives
     #   python -m scripts.tokenize --fields data/fields/primitives --tokenizer fp8_e4m3 --normalize section \
     #       --out data/tokens/primitives_fp8
@@ -132,7 +132,8 @@ PRESETS: dict[str, AutoregressiveConfig] = {
                         checkpoint_every=200, eval_every=500),
         width=64, depth=2, num_heads=4, num_samples=64),
     # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional.
-    # Expected: recognisable class-conditional samples; not yet measured.
+    # Expected (not measured: it needs a GPU and none has been lent): recognisable class-conditional samples,
+    # at least the "cpu" preset's figures on the same fields (BENCHMARKS.md).
     #   python -m hypernets.autoregressive --data data/tokens/fmnist_fp8 --workdir runs/ar --class-conditional
     "default": AutoregressiveConfig(
         loop=LoopConfig(steps=100000, batch_size=64, learning_rate=2e-4, warmup_steps=1000, ema_decay=0.9995,
