@@ -274,12 +274,14 @@ def sample_vectors(task: DiffusionTask, params: Any, config: DiffusionConfig, la
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, generator: dict) -> str:
-    """Writes raw sampled weights ``[n, P]`` as a dataset of fields in ``workdir/samples``; returns its path."""
+def write_samples(workdir: str, raw: np.ndarray, labels: np.ndarray, data, generator: dict,
+                  directory: str | None = None) -> str:
+    """Writes raw sampled weights ``[n, P]`` as a dataset of fields in ``workdir/samples`` (or ``directory``);
+    returns its path."""
     extra = dict(data.metadata)  # read_dataset's metadata holds no reserved keys
     extra["source"] = f"hypernets.diffusion samples ({generator.get('workdir', workdir)})"
     extra["generator"] = generator
-    return write_sample_fields(workdir, raw, labels, data, extra)
+    return write_sample_fields(workdir, raw, labels, data, extra, directory)
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -326,6 +328,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--schedule", choices=objective_lib.SCHEDULES)
     parser.add_argument("--normalization", choices=NORMALIZATION_MODES)
     parser.add_argument("--sample-only", action="store_true", help="sample from the last checkpoint, no training")
+    parser.add_argument("--samples-out", metavar="DIR",
+                        help="write the sampled fields to DIR (and their grid to DIR.png) instead of W/samples, "
+                             "e.g. to compare guidance scales of one trained model with --sample-only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_loop_arguments(parser)
     return parser
@@ -390,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                  "guidance_scale": config.guidance_scale, "clip_x0": config.clip_x0}
     if latents is not None:
         generator["latents"] = latents.record()
-    directory = write_samples(args.workdir, raw, labels, fields, generator)
+    directory = write_samples(args.workdir, raw, labels, fields, generator, args.samples_out)
     print(f"step {step}: wrote {len(raw)} sampled fields to {directory}")
-    grid_path = os.path.join(args.workdir, "samples.png")
+    grid_path = (args.samples_out.rstrip("/") + ".png" if args.samples_out
+                 else os.path.join(args.workdir, "samples.png"))
     if write_sample_grid(grid_path, raw, fields):
         print(f"rendered samples: {grid_path}")
     return 0

@@ -116,12 +116,13 @@ def sample_columns(labels: np.ndarray) -> dict[str, list]:
             "label": [int(label) for label in labels]}
 
 
-def write_sample_fields(workdir: str, weights: np.ndarray, labels: np.ndarray, dataset, extra: dict) -> str:
-    """Raw sampled weights ``[n, P]`` as the field dataset ``W/samples`` (laid out like ``dataset``: its
-    field kind, config and param map); returns the folder."""
+def write_sample_fields(workdir: str, weights: np.ndarray, labels: np.ndarray, dataset, extra: dict,
+                        directory: str | None = None) -> str:
+    """Raw sampled weights ``[n, P]`` as the field dataset ``W/samples`` (or ``directory``), laid out like
+    ``dataset`` (its field kind, config and param map); returns the folder."""
     from fields.field_datasets import write_shard
 
-    directory = os.path.join(workdir, SAMPLES_DIRECTORY)
+    directory = directory or os.path.join(workdir, SAMPLES_DIRECTORY)
     write_shard(os.path.join(directory, SAMPLES_SHARD), weights, sample_columns(labels), dataset.field_kind,
                 dataset.field_config, dataset.param_map, extra_schema_metadata=extra)
     return directory

@@ -10,7 +10,8 @@ Stages (each resumes: outputs under --work are reused when present):
 2. tokenize the train fields (fp8 after per-section normalisation);
 3. for each model (class-conditional diffusion, autoregressive): time a few steps, set the step
    count that fills ``--minutes`` of training, train, sample ``--num-samples`` fields;
-4. ``hypernets.evaluate`` the samples against the test fields, with the train fields for novelty.
+4. ``hypernets.evaluate`` the samples against the test fields, with the train fields for novelty;
+   ``--extra-guidance-scales 1,1.5`` samples and evaluates the trained diffusion at those scales too.
 Prints one JSON report (also written to WORK/report.json) with each model's metrics and budget.
 
 ``--parts shapes`` (or ``images,shapes``) runs the second part, HyperDiffusion's protocol: occupancy
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -112,6 +114,7 @@ def images_part(args) -> dict:
             ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional",
              "--guidance-scale", str(args.guidance_scale), "--quiet"],
             args, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
+        report["models"]["diffusion"]["guidance_sweep"] = guidance_sweep(args, train_fields, test_fields)
     if "autoregressive" in args.models:
         tokens = os.path.join(args.work, "tokens_train")
         if not os.path.exists(os.path.join(tokens, "_report.json")) and not os.path.isdir(tokens):
@@ -122,6 +125,37 @@ def images_part(args) -> dict:
             ["--data", tokens, "--preset", args.autoregressive_preset, "--class-conditional", "--quiet"],
             args, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
     return report
+
+
+def guidance_sweep(args, train_fields: str, test_fields: str) -> dict:
+    """Samples the trained diffusion again at each ``--extra-guidance-scales`` value (``--sample-only
+    --samples-out WORK/diffusion/samples_gX``) and evaluates each set into ``WORK/diffusion_gX_eval``,
+    reusing the first evaluation's classifier (its cache is keyed by the reference renders and config)."""
+    workdir = os.path.join(args.work, "diffusion")
+    results = {}
+    for scale in args.extra_guidance_scales:
+        name = f"g{scale:g}"
+        samples = os.path.join(workdir, f"samples_{name}")
+        if not os.path.isdir(samples):
+            run("hypernets.diffusion", "--data", train_fields, "--workdir", workdir, "--sample-only",
+                "--guidance-scale", str(scale), "--num-samples", str(args.num_samples or args.test_num),
+                "--samples-out", samples, "--quiet")
+        out = os.path.join(args.work, f"diffusion_{name}_eval")
+        classifier = os.path.join(args.work, "diffusion_eval", "classifier")
+        if os.path.isdir(classifier) and not os.path.exists(os.path.join(out, "classifier")):
+            shutil.copytree(classifier, os.path.join(out, "classifier"))
+        run("hypernets.evaluate", "--samples", samples, "--reference", test_fields, "--train", train_fields,
+            "--out", out, "--classifier-preset", args.classifier_preset, "--quiet")
+        with open(os.path.join(out, "eval.json")) as handle:
+            results[f"{scale:g}"] = json.load(handle)["metrics"]
+    return results
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1.5,5, got {text!r}") from None
 
 
 def pybullet_meshes() -> list[str]:
@@ -186,6 +220,9 @@ def main() -> None:
                              "with other jobs; report the quiet-machine minutes beside it)")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance of the class-conditional diffusion's samples")
+    parser.add_argument("--extra-guidance-scales", type=parse_scales, default=[],
+                        help="comma-separated guidance scales to sample and evaluate the trained diffusion at as "
+                             "well (the class-accuracy / 1-NNA trade-off), e.g. 1,1.5,5")
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--models", default="diffusion,autoregressive")
     parser.add_argument("--classifier-preset", default="default", help="hypernets.evaluate's feature classifier")

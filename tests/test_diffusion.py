@@ -289,6 +289,15 @@ def test_cli_trains_samples_resumes_and_refuses_a_changed_config(field_data, tmp
     resampled = read_dataset(os.path.join(workdir, "samples"))
     assert len(resampled) == 3 and np.all(np.isfinite(resampled.matrix))
     assert resampled.metadata["generator"]["sampler"] == "ddpm"
+    # --samples-out: another folder (a guidance sweep of one model); W/samples stays as it was.
+    other = os.path.join(str(tmp_path), "sweep", "samples_g2")
+    status, out, err = run_diffusion(["--data", field_data, "--workdir", workdir, "--sample-only", "--num-samples",
+                                      "2", "--guidance-scale", "2", "--samples-out", other, "--quiet"], capsys)
+    assert status == 0, err
+    swept = read_dataset(other)
+    assert len(swept) == 2 and swept.metadata["generator"]["guidance_scale"] == 2.0
+    assert os.path.getsize(other + ".png") > 0
+    assert len(read_dataset(os.path.join(workdir, "samples"))) == 3
 
     # A different training config in the same workdir is refused in one line.
     status, out, err = run_diffusion(argv + ["--learning-rate", "0.5"], capsys)
