@@ -137,8 +137,9 @@ PRESETS: dict[str, DiffusionConfig] = {
                         checkpoint_every=1000, eval_every=1000),
         chunk_size=32, width=192, depth=6, num_heads=6, num_timesteps=1000, sample_steps=100, num_samples=64),
     # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); ~1.6k-weight image fields.
-    # Measured: on 2,048 shared-init Fashion-MNIST fields, 3,000 steps (~13 min on 2 quiet cores) with
-    # --class-conditional --guidance-scale 3 sample recognisable garments, 77% class accuracy, 1-NNA 92.7%.
+    # Measured on 2,048 shared-init Fashion-MNIST fields with --class-conditional (BENCHMARKS.md): 3,000 steps
+    # (~13 min on 2 quiet cores) at --guidance-scale 3 sample recognisable garments, 77% class accuracy,
+    # 1-NNA 92.7%; --steps 6000 (~26 min): 86% class accuracy at guidance 3, 1-NNA 73% at guidance 1.
     #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion-cpu --preset cpu \
     #       --class-conditional --guidance-scale 3 --steps 3000
     "cpu": DiffusionConfig(
