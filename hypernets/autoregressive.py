@@ -123,9 +123,10 @@ PRESETS: dict[str, AutoregressiveConfig] = {
         loop=LoopConfig(steps=20000, batch_size=32, learning_rate=3e-4, warmup_steps=500, ema_decay=0.999,
                         checkpoint_every=1000, eval_every=1000),
         width=192, depth=6, num_heads=6, dropout=0.1, num_samples=64),
-    # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); about 3.3 CPU-seconds per
-    # step on 1,536-token fields. Measured: 100-150 steps (make demo; bench_hypernets' 4-minute run) give
-    # noise-like samples, 1-NNA 92-94%; it needs far longer runs than a CPU affords.
+    # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); 1.7 s per step on 2 idle
+    # cores over 1,536-token fields. Measured (BENCHMARKS.md): its 1,000 steps (30 min) on 2,048 Fashion-MNIST
+    # fields give garment-shaped noisy blobs, 1-NNA 80% (512 vs 512) but 23% class accuracy; make demo's
+    # 100 steps on primitives give 1-NNA 82% (64 vs 64).
     #   python -m hypernets.autoregressive --data data/tokens/fmnist_fp8 --workdir runs/ar-cpu --preset cpu
     "cpu": AutoregressiveConfig(
         loop=LoopConfig(steps=1000, batch_size=8, learning_rate=1e-3, warmup_steps=100, ema_decay=0.99,
