@@ -139,7 +139,8 @@ PRESETS: dict[str, DiffusionConfig] = {
     # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); ~1.6k-weight image fields.
     # Measured on 2,048 shared-init Fashion-MNIST fields with --class-conditional (BENCHMARKS.md): 3,000 steps
     # (~13 min on 2 quiet cores) at --guidance-scale 3 sample recognisable garments, 77% class accuracy,
-    # 1-NNA 92.7%; --steps 6000 (~26 min): 86% class accuracy at guidance 3, 1-NNA 73% at guidance 1.
+    # 1-NNA 92.7%; --steps 6000 (~26 min): 86% class accuracy at guidance 3, 1-NNA 73% at guidance 1
+    # (extended to 12,000 steps: 90% and 71%).
     #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion-cpu --preset cpu \
     #       --class-conditional --guidance-scale 3 --steps 3000
     "cpu": DiffusionConfig(
