@@ -218,6 +218,7 @@ def noisy_copies(matrix: np.ndarray, column_std: np.ndarray, sigma: float, rng: 
 def feature_report(config: EvaluateConfig, out: str, reference: Renders, reference_labels: np.ndarray,
                    samples: Renders, sample_labels: np.ndarray, train: Renders | None = None,
                    train_labels: np.ndarray | None = None) -> tuple[dict, dict]:
+    # ``train_labels`` ([N] int, -1 unknown) is given exactly when ``train`` is.
     """Image features (classifier or fallback), FD, precision/recall and the class-conditional accuracy.
 
     With labelled ``train`` renders (fields the classifier never saw), also the classifier's accuracy on
@@ -251,10 +252,9 @@ def feature_report(config: EvaluateConfig, out: str, reference: Renders, referen
         if sample_labelled.any():
             predicted = np.argmax(sample_logits, axis=1)[sample_labelled]
             values["conditional_accuracy"] = float(np.mean(predicted == sample_labels[sample_labelled]))
-        if train is not None and train_labels is not None and (train_labels >= 0).any():
+        if train is not None and (train_labels >= 0).any():
             train_labelled = train_labels >= 0
-            train_logits, _ = classifier.apply(train.values[train_labelled])
-            values["train_class_accuracy"] = float(np.mean(np.argmax(train_logits, axis=1)
+            values["train_class_accuracy"] = float(np.mean(classifier.predict(train.values[train_labelled])
                                                            == train_labels[train_labelled]))
     else:
         reference_features, description = fallback_features(reference.values, seed=config.seed)

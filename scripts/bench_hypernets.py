@@ -95,12 +95,18 @@ def train_and_evaluate(name: str, module: str, arguments: list[str], args, refer
             json.dump({"steps": steps, "minutes": args.minutes}, handle)
     seconds = run(module, *arguments, "--workdir", workdir, "--steps", str(steps),
                   "--num-samples", str(args.num_samples or reference_count))
-    out = os.path.join(args.work, f"{name}_eval")
-    run("hypernets.evaluate", "--samples", os.path.join(workdir, "samples"), "--reference", reference,
-        "--train", train_fields, "--out", out, *evaluate_arguments, "--quiet")
-    with open(os.path.join(out, "eval.json")) as handle:
-        evaluation = json.load(handle)
+    evaluation = evaluate_samples(os.path.join(workdir, "samples"), reference, train_fields,
+                                  os.path.join(args.work, f"{name}_eval"), evaluate_arguments)
     return {"steps": steps, "train_and_sample_seconds": seconds, "workdir": workdir, "eval": evaluation}
+
+
+def evaluate_samples(samples: str, reference: str, train_fields: str, out: str,
+                     evaluate_arguments: tuple[str, ...] = ()) -> dict:
+    """``hypernets.evaluate`` of ``samples`` into ``out``; returns its ``eval.json``."""
+    run("hypernets.evaluate", "--samples", samples, "--reference", reference, "--train", train_fields,
+        "--out", out, *evaluate_arguments, "--quiet")
+    with open(os.path.join(out, "eval.json")) as handle:
+        return json.load(handle)
 
 
 def images_part(args) -> dict:
@@ -144,10 +150,8 @@ def guidance_sweep(args, train_fields: str, test_fields: str) -> dict:
         classifier = os.path.join(args.work, "diffusion_eval", "classifier")
         if os.path.isdir(classifier) and not os.path.exists(os.path.join(out, "classifier")):
             shutil.copytree(classifier, os.path.join(out, "classifier"))
-        run("hypernets.evaluate", "--samples", samples, "--reference", test_fields, "--train", train_fields,
-            "--out", out, "--classifier-preset", args.classifier_preset, "--quiet")
-        with open(os.path.join(out, "eval.json")) as handle:
-            results[f"{scale:g}"] = json.load(handle)["metrics"]
+        results[f"{scale:g}"] = evaluate_samples(samples, test_fields, train_fields, out,
+                                                 ("--classifier-preset", args.classifier_preset))["metrics"]
     return results
 
 
