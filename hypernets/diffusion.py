@@ -48,8 +48,8 @@ from hypernets.runs import (
 )
 
 # Fields that may differ between runs in one work directory (sampling options, logging, devices).
-RERUN_FREE_FIELDS = ("num_samples", "sampler", "sample_steps", "eta", "guidance_scale", "clip_x0", "loop.wandb",
-                     "loop.num_devices")
+RERUN_FREE_FIELDS = ("num_samples", "sampler", "sample_steps", "eta", "guidance_scale", "clip_x0", "sample_seed",
+                     "loop.wandb", "loop.num_devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,7 @@ class DiffusionConfig:
             Worth setting for ``objective="epsilon"`` with DDIM: at the near-zero signal of the first
             step the epsilon-to-x0 conversion amplifies model error by ``1 / sqrt(abar)``.
         num_samples: fields written to ``W/samples``.
+        sample_seed: sampling randomness; None: ``loop.seed + 1``.
         normalization: per-``"section"`` or per-``"tensor"`` normalisation of the weights.
         val_fraction: fields held out (by a hash of their source id) to report a validation loss.
     """
@@ -94,6 +95,7 @@ class DiffusionConfig:
     guidance_scale: float = 1.0
     clip_x0: float = 0.0
     num_samples: int = 16
+    sample_seed: int | None = None
     normalization: str = "section"
     val_fraction: float = 0.1
 
@@ -302,8 +304,8 @@ def resolve_config(args, saved: dict | None) -> DiffusionConfig:
     overrides = {
         "class_conditional": args.class_conditional, "num_samples": args.num_samples, "sampler": args.sampler,
         "sample_steps": args.sample_steps, "guidance_scale": args.guidance_scale, "eta": args.eta,
-        "clip_x0": args.clip_x0, "objective": args.objective, "schedule": args.schedule,
-        "normalization": args.normalization,
+        "clip_x0": args.clip_x0, "sample_seed": args.sample_seed, "objective": args.objective,
+        "schedule": args.schedule, "normalization": args.normalization,
     }
     return resolve_run_config(DiffusionConfig, PRESETS, args, saved, "diffusion", overrides)
 
@@ -324,6 +326,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample-steps", type=int, help="timesteps visited when sampling")
     parser.add_argument("--eta", type=float, help="DDIM noise (0: deterministic)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--sample-seed", type=int, help="sampling seed (default: the training seed + 1)")
     parser.add_argument("--clip-x0", type=float,
                         help="clip normalised x0 estimates to +-this while sampling (0: off; helps epsilon + DDIM)")
     parser.add_argument("--objective", choices=objective_lib.OBJECTIVES)
@@ -387,14 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     params, step = jax.device_get(result.ema_params), result.step
 
     labels = sample_labels(config.num_samples, num_classes, config.class_conditional)
-    normalized = sample_vectors(task, params, config, labels, seed=config.loop.seed + 1)
+    sample_seed = config.loop.seed + 1 if config.sample_seed is None else config.sample_seed
+    normalized = sample_vectors(task, params, config, labels, seed=sample_seed)
     raw = to_fields(normalized)
     if not np.all(np.isfinite(raw)):
         raise UserError(f"sampling produced non-finite weights (step {step}); train longer or lower the learning rate")
     generator = {"model": "hypernets.diffusion", "workdir": os.path.abspath(args.workdir), "step": int(step),
                  "training_data": os.path.abspath(args.data) if latents is None else fields.path,
                  "sampler": config.sampler, "sample_steps": config.sample_steps, "eta": config.eta,
-                 "guidance_scale": config.guidance_scale, "clip_x0": config.clip_x0}
+                 "guidance_scale": config.guidance_scale, "clip_x0": config.clip_x0,
+                 "sample_seed": sample_seed}
     if latents is not None:
         generator["latents"] = latents.record()
     directory = write_samples(args.workdir, raw, labels, fields, generator, args.samples_out)

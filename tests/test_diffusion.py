@@ -298,6 +298,18 @@ def test_cli_trains_samples_resumes_and_refuses_a_changed_config(field_data, tmp
     assert len(swept) == 2 and swept.metadata["generator"]["guidance_scale"] == 2.0
     assert os.path.getsize(other + ".png") > 0
     assert len(read_dataset(os.path.join(workdir, "samples"))) == 3
+    # --sample-seed: the default is the training seed + 1; another seed draws other samples.
+    default_seed = diffusion.PRESETS["tiny"].loop.seed + 1
+    assert swept.metadata["generator"]["sample_seed"] == default_seed
+    for seed, same in ((default_seed, True), (default_seed + 4, False)):
+        reseeded_path = os.path.join(str(tmp_path), "sweep", f"samples_seed{seed}")
+        status, out, err = run_diffusion(["--data", field_data, "--workdir", workdir, "--sample-only", "--num-samples",
+                                          "2", "--guidance-scale", "2", "--sample-seed", str(seed), "--samples-out",
+                                          reseeded_path, "--quiet"], capsys)
+        assert status == 0, err
+        reseeded = read_dataset(reseeded_path)
+        assert reseeded.metadata["generator"]["sample_seed"] == seed
+        assert np.array_equal(reseeded.matrix, swept.matrix) == same
 
     # A different training config in the same workdir is refused in one line.
     status, out, err = run_diffusion(argv + ["--learning-rate", "0.5"], capsys)
