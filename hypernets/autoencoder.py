@@ -47,7 +47,7 @@ from fields.metrics import batch_psnr
 from fields.weights import NORMALIZATION_MODES, NormalizationStats, ParamEntry, param_map_from_json, param_map_to_json
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.weight_autoencoders import KINDS, WeightAutoencoder
-from hypernets.runs import read_saved_run, resolve_run_config, write_run
+from hypernets.runs import read_saved_run, rerun_free_fields, resolve_run_config, write_run
 
 SECTION = "autoencoder"
 PROGRAM = "hypernets.autoencoder"
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = read_saved_run(args.workdir, SECTION, PROGRAM)
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
-    check_run_config(args.workdir, saved, run_config, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, run_config, rerun_free_fields(SECTION, RERUN_FREE_FIELDS, args, saved))
     print(config_to_json(config))
 
     train_data, val_data = load_weight_splits(args.data, config.val_fraction, config.loop.seed, config.normalization)

@@ -43,6 +43,7 @@ from hypernets.runs import (
     SAMPLES_SHARD,
     num_classes_of,
     read_saved_run,
+    rerun_free_fields,
     resolve_run_config,
     restore_or_train,
     sample_columns,
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_workdir(args.workdir)
     current = {"data": os.path.abspath(args.data), "autoregressive": config_to_dict(config),
                "model": config_to_dict(model_config), "tokenizer": json.loads(dataset.tokenizer.to_json())}
-    check_run_config(args.workdir, saved, current, [f"autoregressive.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, current, rerun_free_fields("autoregressive", RERUN_FREE_FIELDS, args, saved))
     write_run(args.workdir, current)
     print(config_to_json(config))
     print(f"{len(train_data)} training fields, {len(val_data)} held out; {model_config.max_length} tokens each, "

@@ -91,7 +91,7 @@ from hypernets.models.conditional_hypernet import (
     tensor_specs,
     vector_to_field_params,
 )
-from hypernets.runs import read_saved_run, resolve_run_config, write_run
+from hypernets.runs import read_saved_run, rerun_free_fields, resolve_run_config, write_run
 
 SECTION = "conditional"
 PROGRAM = "hypernets.conditional"
@@ -1445,7 +1445,7 @@ def main(argv: list[str] | None = None) -> int:
     if data is not None:  # refuse other field kinds before touching the work directory
         check_field_kind(dataset_field_kind(data), data)
     record = run_record(data, teacher_spec, config)
-    check_run_config(args.workdir, saved, record, [f"{SECTION}.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, record, rerun_free_fields(SECTION, RERUN_FREE_FIELDS, args, saved))
     # Given teachers are read (NeRF scenes included) before the work directory is touched.
     teachers = load_teachers(data, config.backend, config.eval_views) if data is not None else None
     print(config_to_json(config))

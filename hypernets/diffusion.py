@@ -39,6 +39,7 @@ from hypernets.runs import (
     CONFIG_NAME,
     num_classes_of,
     read_saved_run,
+    rerun_free_fields,
     resolve_run_config,
     restore_or_train,
     sample_labels,
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
         latents = load_latent_source(args.latents)
     run_config = run_record(args.data, config, latents)
-    check_run_config(args.workdir, saved, run_config, [f"diffusion.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, run_config, rerun_free_fields("diffusion", RERUN_FREE_FIELDS, args, saved))
     print(config_to_json(config))
 
     if latents is None:

@@ -560,7 +560,8 @@ LOOP_ARGUMENTS = ("steps", "batch_size", "learning_rate", "seed", "wandb", "num_
 
 
 def add_loop_arguments(parser) -> None:
-    """Adds ``--steps --batch-size --learning-rate --seed --wandb --num-devices`` (defaults: the preset's) and
+    """Adds ``--steps --batch-size --learning-rate --seed --wandb --num-devices`` (defaults: the preset's),
+    ``--extend`` (``hypernets.runs.rerun_free_fields``) and
     the multi-host options ``--coordinator --num-processes --process-id`` (``fields.distributed``)."""
     group = parser.add_argument_group("training loop (defaults: the preset's)")
     group.add_argument("--steps", type=int, help="optimizer steps")
@@ -569,6 +570,9 @@ def add_loop_arguments(parser) -> None:
     group.add_argument("--seed", type=int, help="initialisation, data order and sampling seed")
     group.add_argument("--wandb", choices=WANDB_MODES, help="Weights & Biases logging (default: disabled)")
     group.add_argument("--num-devices", type=int, help="data-parallel devices (0: all local devices)")
+    group.add_argument("--extend", action="store_true",
+                       help="train the work directory's run on to a larger --steps (its learning-rate schedule "
+                            "is stretched to the new length, so the rate rises again where it resumes)")
     add_distributed_arguments(parser)
 
 

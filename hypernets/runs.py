@@ -37,6 +37,25 @@ def read_saved_run(workdir: str, section: str | None, program: str) -> dict | No
     return saved
 
 
+def rerun_free_fields(section: str, names, args, saved: dict | None) -> list[str]:
+    """The dotted ``free_fields`` of ``check_run_config`` for a hypernet CLI: ``section.name`` for each
+    of ``names`` and, with ``--extend`` (``hypernets.loop.add_loop_arguments``), ``section.loop.steps``:
+    a saved run may then go on to a larger ``--steps``.
+
+    Raises:
+        UserError: ``--extend`` without a saved run, or without a ``--steps`` above the saved run's.
+    """
+    free = [f"{section}.{name}" for name in names]
+    if not getattr(args, "extend", False):
+        return free
+    saved_steps = ((saved or {}).get(section) or {}).get("loop", {}).get("steps")
+    if saved_steps is None:
+        raise UserError(f"--extend: {args.workdir} holds no saved run to extend")
+    if args.steps is None or args.steps <= saved_steps:
+        raise UserError(f"--extend: give --steps above the saved run's {saved_steps}")
+    return free + [f"{section}.loop.steps"]
+
+
 def write_run(workdir: str, current: dict) -> None:
     """Saves ``W/config.json`` atomically."""
     write_json(os.path.join(workdir, CONFIG_NAME), current)

@@ -60,7 +60,7 @@ from hypernets.autoencoder import render_psnr, renders_images, write_latent_shar
 from hypernets.loop import LoopConfig, add_loop_arguments
 from hypernets.models.transformer import EncoderBlock
 from hypernets.objectives.contrastive import nt_xent
-from hypernets.runs import read_saved_run, resolve_run_config, write_run
+from hypernets.runs import read_saved_run, rerun_free_fields, resolve_run_config, write_run
 
 NUM_ROTATIONS = 4
 PROBE_NAME = "probe.json"
@@ -805,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = read_saved_run(args.workdir, "sane", "hypernets.sane")
     config = resolve_config(args, saved)
     run_config = run_record(args.data, config)
-    check_run_config(args.workdir, saved, run_config, [f"sane.{name}" for name in RERUN_FREE_FIELDS])
+    check_run_config(args.workdir, saved, run_config, rerun_free_fields("sane", RERUN_FREE_FIELDS, args, saved))
     print(config_to_json(config))
 
     prepare_workdir(args.workdir)

@@ -315,6 +315,20 @@ def test_cli_trains_samples_resumes_and_refuses_a_changed_config(field_data, tmp
     status, out, err = run_diffusion(argv + ["--learning-rate", "0.5"], capsys)
     assert_one_line_error(status, err, "different config")
 
+    # --extend: the saved run goes on to a larger --steps (more steps alone are a different config).
+    steps = diffusion.PRESETS["tiny"].loop.steps
+    status, out, err = run_diffusion(argv + ["--steps", str(steps + 2)], capsys)
+    assert_one_line_error(status, err, "different config")
+    status, out, err = run_diffusion(argv + ["--extend"], capsys)
+    assert_one_line_error(status, err, f"--extend: give --steps above the saved run's {steps}")
+    status, out, err = run_diffusion(argv + ["--extend", "--steps", str(steps + 2)], capsys)
+    assert status == 0, err
+    assert f"resuming from step {steps}" in out
+    assert max(row["step"] for row in read_history(workdir)) == steps + 2
+    status, out, err = run_diffusion(["--data", field_data, "--workdir", os.path.join(str(tmp_path), "new"),
+                                      "--preset", "tiny", "--extend", "--steps", "9"], capsys)
+    assert_one_line_error(status, err, "holds no saved run to extend")
+
     # A saved config without a checkpoint has nothing to sample from.
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     status, out, err = run_diffusion(["--data", field_data, "--workdir", workdir, "--sample-only"], capsys)
