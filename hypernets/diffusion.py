@@ -74,7 +74,8 @@ class DiffusionConfig:
             Worth setting for ``objective="epsilon"`` with DDIM: at the near-zero signal of the first
             step the epsilon-to-x0 conversion amplifies model error by ``1 / sqrt(abar)``.
         num_samples: fields written to ``W/samples``.
-        sample_seed: sampling randomness; None: ``loop.seed + 1``.
+        sample_seed: sampling randomness; None: ``loop.seed + 1``. Like the other sampling options, a
+            rerun in the same work directory without it keeps the saved run's.
         normalization: per-``"section"`` or per-``"tensor"`` normalisation of the weights.
         val_fraction: fields held out (by a hash of their source id) to report a validation loss.
     """
@@ -327,7 +328,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample-steps", type=int, help="timesteps visited when sampling")
     parser.add_argument("--eta", type=float, help="DDIM noise (0: deterministic)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--sample-seed", type=int, help="sampling seed (default: the training seed + 1)")
+    parser.add_argument("--sample-seed", type=int, help="sampling seed (default: the saved run's, else the training seed + 1)")
     parser.add_argument("--clip-x0", type=float,
                         help="clip normalised x0 estimates to +-this while sampling (0: off; helps epsilon + DDIM)")
     parser.add_argument("--objective", choices=objective_lib.OBJECTIVES)
