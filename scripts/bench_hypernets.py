@@ -11,7 +11,8 @@ Stages (each resumes: outputs under --work are reused when present):
 3. for each model (class-conditional diffusion, autoregressive): time a few steps, set the step
    count that fills ``--minutes`` of training, train, sample ``--num-samples`` fields;
 4. ``hypernets.evaluate`` the samples against the test fields, with the train fields for novelty;
-   ``--extra-guidance-scales 1,1.5`` samples and evaluates the trained diffusion at those scales too.
+   ``--extra-guidance-scales 1,1.5`` samples and evaluates the trained diffusion at those scales too;
+   ``--eta 1 --sample-steps 100`` sets the diffusion's sampler for all of them.
 Prints one JSON report (also written to WORK/report.json) with each model's metrics and budget.
 
 ``--parts shapes`` (or ``images,shapes``) runs the second part, HyperDiffusion's protocol: occupancy
@@ -118,7 +119,7 @@ def images_part(args) -> dict:
         report["models"]["diffusion"] = train_and_evaluate(
             "diffusion", "hypernets.diffusion",
             ["--data", train_fields, "--preset", args.diffusion_preset, "--class-conditional",
-             "--guidance-scale", str(args.guidance_scale), "--quiet"],
+             "--guidance-scale", str(args.guidance_scale), *diffusion_sampling(args), "--quiet"],
             args, test_fields, train_fields, args.test_num, ("--classifier-preset", args.classifier_preset))
         report["models"]["diffusion"]["guidance_sweep"] = guidance_sweep(args, train_fields, test_fields)
     if "autoregressive" in args.models:
@@ -145,7 +146,7 @@ def guidance_sweep(args, train_fields: str, test_fields: str) -> dict:
         if not os.path.isdir(samples):
             run("hypernets.diffusion", "--data", train_fields, "--workdir", workdir, "--sample-only",
                 "--guidance-scale", str(scale), "--num-samples", str(args.num_samples or args.test_num),
-                "--samples-out", samples, "--quiet")
+                *diffusion_sampling(args), "--samples-out", samples, "--quiet")
         out = os.path.join(args.work, f"diffusion_{name}_eval")
         classifier = os.path.join(args.work, "diffusion_eval", "classifier")
         if os.path.isdir(classifier) and not os.path.exists(os.path.join(out, "classifier")):
@@ -153,6 +154,16 @@ def guidance_sweep(args, train_fields: str, test_fields: str) -> dict:
         results[f"{scale:g}"] = evaluate_samples(samples, test_fields, train_fields, out,
                                                  ("--classifier-preset", args.classifier_preset))["metrics"]
     return results
+
+
+def diffusion_sampling(args) -> list[str]:
+    """``hypernets.diffusion`` sampling options given to the benchmark (``--eta``, ``--sample-steps``)."""
+    options = []
+    if args.eta is not None:
+        options += ["--eta", str(args.eta)]
+    if args.sample_steps is not None:
+        options += ["--sample-steps", str(args.sample_steps)]
+    return options
 
 
 def parse_scales(text: str) -> list[float]:
@@ -227,6 +238,10 @@ def main() -> None:
     parser.add_argument("--extra-guidance-scales", type=parse_scales, default=[],
                         help="comma-separated guidance scales to sample and evaluate the trained diffusion at as "
                              "well (the class-accuracy / 1-NNA trade-off), e.g. 1,1.5,5")
+    parser.add_argument("--eta", type=float,
+                        help="the diffusion's DDIM noise when sampling (default: the preset's, 0; 1 samples "
+                             "stochastically)")
+    parser.add_argument("--sample-steps", type=int, help="the diffusion's sampling steps (default: the preset's)")
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--models", default="diffusion,autoregressive")
     parser.add_argument("--classifier-preset", default="default", help="hypernets.evaluate's feature classifier")
@@ -239,7 +254,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     report = {"minutes_per_model": args.minutes, "fixed_steps": args.steps,
-              "guidance_scale": args.guidance_scale}
+              "guidance_scale": args.guidance_scale, "eta": args.eta, "sample_steps": args.sample_steps}
     if "images" in args.parts:
         report["images"] = images_part(args)
     if "shapes" in args.parts:
