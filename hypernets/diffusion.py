@@ -328,7 +328,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample-steps", type=int, help="timesteps visited when sampling")
     parser.add_argument("--eta", type=float, help="DDIM noise (0: deterministic)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--sample-seed", type=int, help="sampling seed (default: the saved run's, else the training seed + 1)")
+    parser.add_argument("--sample-seed", type=int,
+                        help="sampling seed (default: the saved run's, else the training seed + 1)")
     parser.add_argument("--clip-x0", type=float,
                         help="clip normalised x0 estimates to +-this while sampling (0: off; helps epsilon + DDIM)")
     parser.add_argument("--objective", choices=objective_lib.OBJECTIVES)
