@@ -143,8 +143,9 @@ PRESETS: dict[str, DiffusionConfig] = {
     # CPU-sized, for budgets of minutes on 2 cores (scripts/bench_hypernets.py); ~1.6k-weight image fields.
     # Measured on 2,048 shared-init Fashion-MNIST fields with --class-conditional (BENCHMARKS.md): 3,000 steps
     # (~13 min on 2 quiet cores) at --guidance-scale 3 sample recognisable garments, 77% class accuracy,
-    # 1-NNA 92.7%; --steps 6000 (~26 min): 86% class accuracy at guidance 3, 1-NNA 73% at guidance 1
-    # (extended to 12,000 steps: 90% and 71%).
+    # 1-NNA 92.7%; --steps 6000 (~26 min): 86% class accuracy at guidance 3, 1-NNA 73% at guidance 1;
+    # --steps 24000 (86 min): 94% at guidance 3, 1-NNA 66% at guidance 1, and at --guidance-scale 1.5
+    # --eta 1 --sample-steps 100 both targets at once (1-NNA 68%, class accuracy 84%).
     #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion-cpu --preset cpu \
     #       --class-conditional --guidance-scale 3 --steps 3000
     "cpu": DiffusionConfig(
@@ -162,7 +163,8 @@ PRESETS: dict[str, DiffusionConfig] = {
         num_samples=64),
     # Larger datasets of image fields (e.g. Fashion-MNIST fields), class-conditional with guidance.
     # Expected (not measured: it needs a GPU and none has been lent): at least the "cpu" preset's figures on
-    # the same fields (class accuracy 77%, 1-NNA 92.7% on 512 vs 512), from 33x the steps of a 3x wider DiT.
+    # the same fields (24,000 steps: class accuracy 94% at guidance 3, 1-NNA 66% at guidance 1, 512 vs 512),
+    # from 4x the steps of a 3x wider DiT.
     #   python -m hypernets.diffusion --data data/fields/fmnist --workdir runs/diffusion --class-conditional \
     #       --guidance-scale 2
     "default": DiffusionConfig(

@@ -218,11 +218,11 @@ def noisy_copies(matrix: np.ndarray, column_std: np.ndarray, sigma: float, rng: 
 def feature_report(config: EvaluateConfig, out: str, reference: Renders, reference_labels: np.ndarray,
                    samples: Renders, sample_labels: np.ndarray, train: Renders | None = None,
                    train_labels: np.ndarray | None = None) -> tuple[dict, dict]:
-    # ``train_labels`` ([N] int, -1 unknown) is given exactly when ``train`` is.
     """Image features (classifier or fallback), FD, precision/recall and the class-conditional accuracy.
 
     With labelled ``train`` renders (fields the classifier never saw), also the classifier's accuracy on
     them: real data's class accuracy, the ceiling that the samples' class accuracy is read against.
+    ``train_labels`` (``[N]`` int, -1 unknown) is given exactly when ``train`` is.
 
     Returns:
         ``(features description, metric values)``.

@@ -46,7 +46,7 @@ def rerun_free_fields(section: str, names, args, saved: dict | None) -> list[str
         UserError: ``--extend`` without a saved run, or without a ``--steps`` above the saved run's.
     """
     free = [f"{section}.{name}" for name in names]
-    if not getattr(args, "extend", False):
+    if not args.extend:
         return free
     saved_steps = ((saved or {}).get(section) or {}).get("loop", {}).get("steps")
     if saved_steps is None:
